@@ -1,0 +1,56 @@
+"""
+signedqueue: signed, allowlisted frames for moving Python objects between
+processes and machines.
+
+Every frame carries an HMAC-SHA256 tag, keyed by a key id from a
+:class:`Keyring`, which is verified before a single byte reaches a
+deserializer; verified pickles are then loaded by a restricted unpickler that
+admits only allowlisted globals.
+"""
+
+from __future__ import annotations
+
+from ._codec import DEFAULT_CLOCK_SKEW, DEFAULT_MAX_FRAME_SIZE, Codec
+from ._keys import Keyring
+from ._queue import SignedJoinableQueue, SignedQueue
+from ._wrap import UnprotectedTransportWarning, WrappedQueue, wrap
+from .exceptions import (
+    ExpiredFrame,
+    ForbiddenClass,
+    FrameTooLarge,
+    InvalidSignature,
+    MalformedFrame,
+    RejectedFrame,
+    ReplayedFrame,
+    SignedQueueError,
+    UnknownKey,
+)
+
+__all__ = [
+    "DEFAULT_CLOCK_SKEW",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "Codec",
+    "ExpiredFrame",
+    "ForbiddenClass",
+    "FrameTooLarge",
+    "InvalidSignature",
+    "Keyring",
+    "MalformedFrame",
+    "RejectedFrame",
+    "ReplayedFrame",
+    "SignedJoinableQueue",
+    "SignedQueue",
+    "SignedQueueError",
+    "UnknownKey",
+    "UnprotectedTransportWarning",
+    "WrappedQueue",
+    "wrap",
+]
+
+
+def __getattr__(name: str) -> object:
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("signedqueue")
+    raise AttributeError(f"module 'signedqueue' has no attribute {name!r}")

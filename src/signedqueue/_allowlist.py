@@ -1,0 +1,361 @@
+"""
+The allowlist policy: which globals a verified pickle may name.
+
+A pickle can name any importable global and call it with arguments of its
+choosing.  The policy admits a global only if an ``allow=`` entry names it (or
+the built-in safe set does), and refuses some globals even then: those that
+run code, touch files or processes, or import modules when called with
+attacker-chosen arguments.
+
+Entries:
+
+* ``"pkg.mod.Name"``: exactly that global.
+* ``"pkg.mod:Outer.Inner"``: a nested class, named by its qualified name.
+* ``"pkg.mod.*"``: every class or function *defined* in ``pkg.mod``; not its
+  submodules and not names it merely imported.
+* a class or function object: the global it is importable as.
+
+Every decision is made on the (module, name) strings *before* anything is
+imported, then checked again on the object that was found.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import re
+import sys
+from collections.abc import Iterable
+from types import ModuleType
+from typing import Any, Union
+
+__all__ = [
+    "DANGEROUS_MODULES",
+    "DANGEROUS_NAMES",
+    "DEFAULT_ALLOW",
+    "AllowEntry",
+    "Policy",
+    "Refusal",
+]
+
+logger = logging.getLogger("signedqueue")
+
+#: An ``allow=`` entry: a dotted name, a ``"module:Qual.Name"``, a
+#: ``"module.*"`` wildcard, or a class or function object.
+AllowEntry = Union[str, type, Any]
+
+#: Globals admitted when ``allow=None``, and always admitted besides the
+#: user's entries.  docs/reference/allowlist.md gives the reason for each.
+#: Those marked guarded are replaced by a checked constructor at load time
+#: (see :mod:`signedqueue._unpickler`).
+DEFAULT_ALLOW: frozenset[str] = frozenset(
+    {
+        # Built-in value types.  Guarded: copying constructors are charged
+        # against the payload size, bytes/bytearray refuse an integer size.
+        "builtins.bool",
+        "builtins.bytearray",
+        "builtins.bytes",
+        "builtins.complex",
+        "builtins.dict",
+        "builtins.float",
+        "builtins.frozenset",
+        "builtins.int",
+        "builtins.list",
+        "builtins.set",
+        "builtins.slice",
+        "builtins.str",
+        "builtins.tuple",
+        "builtins.object",
+        "builtins.Ellipsis",
+        "builtins.NotImplemented",
+        # How protocols 0-2 write bytes (guarded: latin-1 only) and plain
+        # class instances (guarded: base must be object).
+        "_codecs.encode",
+        "copyreg._reconstructor",
+        # Standard library value types.
+        "collections.Counter",
+        "collections.OrderedDict",
+        "collections.defaultdict",  # guarded: default_factory must be a value type
+        "collections.deque",
+        "datetime.date",
+        "datetime.datetime",
+        "datetime.time",
+        "datetime.timedelta",
+        "datetime.timezone",
+        "decimal.Decimal",
+        "fractions.Fraction",  # guarded: bounded exponent in strings
+        "ipaddress.IPv4Address",
+        "ipaddress.IPv4Interface",
+        "ipaddress.IPv4Network",
+        "ipaddress.IPv6Address",
+        "ipaddress.IPv6Interface",
+        "ipaddress.IPv6Network",
+        "uuid.SafeUUID",
+        "uuid.UUID",
+    }
+)
+
+#: Modules none of whose globals are admitted, even when allowlisted: they run
+#: code, reach the file system, processes or the network, import modules, or
+#: deserialize.  A module matches itself and its submodules.
+DANGEROUS_MODULES: frozenset[str] = frozenset(
+    {
+        "_codecs", "_io", "_operator", "_pickle", "_posixsubprocess", "_thread",
+        "asyncio", "bdb", "cloudpickle", "code", "codecs", "codeop", "copyreg",
+        "ctypes", "dbm", "dill", "ensurepip", "fcntl", "functools", "gc", "glob",
+        "http", "importlib", "inspect", "io", "joblib", "logging", "marshal",
+        "mmap", "multiprocessing", "nt", "ntpath", "operator", "os", "pdb",
+        "pickle", "pickletools", "pip", "pkgutil", "platform", "posix",
+        "posixpath", "pty", "pwd", "resource", "runpy", "select", "selectors",
+        "shelve", "shutil", "signal", "site", "socket", "socketserver",
+        "sqlite3", "subprocess", "sys", "sysconfig", "tempfile", "threading",
+        "timeit", "trace", "types", "urllib", "venv", "weakref", "webbrowser",
+        "xmlrpc", "zipimport",
+    }
+)
+
+#: Single globals refused even when allowlisted.
+DANGEROUS_NAMES: frozenset[str] = frozenset(
+    f"builtins.{n}"
+    for n in (
+        # Run code, reach the interpreter or files, or walk attributes.
+        "__build_class__", "__import__", "__loader__", "breakpoint", "classmethod",
+        "compile", "delattr", "dir", "eval", "exec", "exit", "getattr", "globals",
+        "hasattr", "help", "input", "locals", "memoryview", "open", "print",
+        "property", "quit", "setattr", "staticmethod", "super", "type", "vars",
+        # Call other callables repeatedly, or make lazy or huge results that a
+        # copying constructor would then materialize.
+        "aiter", "anext", "enumerate", "filter", "iter", "map", "max", "min",
+        "next", "pow", "range", "reversed", "sorted", "sum", "zip",
+    )
+)
+
+_IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
+_MODULE_RE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*\Z")
+_QUALNAME_RE = _MODULE_RE
+
+
+class Refusal(Exception):
+    """Internal: a global the policy refuses, with what would admit it."""
+
+    def __init__(self, name: str, why: str, entry: str | None) -> None:
+        super().__init__(why)
+        self.name = name
+        self.why = why
+        self.entry = entry
+
+
+def entry_for(module: str, qualname: str) -> str:
+    """The ``allow=`` entry text that names exactly this global."""
+    return f"{module}:{qualname}" if "." in qualname else f"{module}.{qualname}"
+
+
+def _module_matches(module: str, names: frozenset[str]) -> bool:
+    parts = module.split(".")
+    return any(".".join(parts[: i + 1]) in names for i in range(len(parts)))
+
+
+def is_dangerous(module: str, qualname: str) -> bool:
+    """
+    True if ``module.qualname`` is refused even when allowlisted.
+    """
+    if f"{module}.{qualname}" in DEFAULT_ALLOW:
+        return False  # admitted through a guard (see _unpickler)
+    if _module_matches(module, DANGEROUS_MODULES):
+        return True
+    head = qualname.split(".", 1)[0]
+    if f"{module}.{head}" in DANGEROUS_NAMES:
+        return True
+    return any(p.startswith("__") and p.endswith("__") for p in qualname.split("."))
+
+
+def _parse_entry(entry: AllowEntry) -> tuple[str, str]:
+    """(module, qualname) of an entry; qualname ``"*"`` for a wildcard."""
+    if isinstance(entry, str):
+        if ":" in entry:
+            module, _, qualname = entry.partition(":")
+        elif entry.endswith(".*"):
+            module, qualname = entry[:-2], "*"
+        else:
+            module, _, qualname = entry.rpartition(".")
+        if not _MODULE_RE.match(module) or not (
+            qualname == "*" or _QUALNAME_RE.match(qualname)
+        ):
+            raise ValueError(
+                f"invalid allow entry {entry!r}: use 'pkg.mod.Name', "
+                "'pkg.mod:Outer.Inner', 'pkg.mod.*' or a class object"
+            )
+        return module, qualname
+    module = getattr(entry, "__module__", None)
+    qualname = getattr(entry, "__qualname__", None)
+    if not isinstance(module, str) or not isinstance(qualname, str):
+        raise TypeError(
+            f"allow entries are strings, classes or functions, not {type(entry).__name__}"
+        )
+    if "<locals>" in qualname or "<lambda>" in qualname:
+        raise ValueError(
+            f"{qualname!r} is defined inside a function; pickle cannot name it. "
+            "Define it at module level."
+        )
+    return module, qualname
+
+
+class Policy:
+    """
+    A compiled allowlist.  Immutable after construction; lookups are cached.
+
+    Args:
+        allow: Entries admitted besides :data:`DEFAULT_ALLOW`.
+        unsafe_allow_dangerous: Exact ``"module.name"`` entries admitted even
+            though they are in the dangerous set.  Anyone holding a key can
+            then run code through them.
+    """
+
+    def __init__(
+        self,
+        allow: Iterable[AllowEntry] | None = None,
+        *,
+        unsafe_allow_dangerous: Iterable[str] = (),
+    ) -> None:
+        exact: set[tuple[str, str]] = set()
+        wildcards: set[str] = set()
+        unsafe = {_parse_entry(e) for e in unsafe_allow_dangerous}
+        for module, qualname in unsafe:
+            if qualname == "*":
+                raise ValueError("unsafe_allow_dangerous takes exact names, not wildcards")
+            exact.add((module, qualname))
+        if unsafe:
+            logger.warning(
+                "signedqueue: unsafe_allow_dangerous admits %s; every key holder "
+                "can run code in this process",
+                sorted(entry_for(m, q) for m, q in unsafe),
+            )
+        for entry in DEFAULT_ALLOW:
+            exact.add(_parse_entry(entry))
+        for entry in allow or ():
+            module, qualname = _parse_entry(entry)
+            if qualname == "*":
+                if module == "builtins" or _module_matches(module, DANGEROUS_MODULES):
+                    raise ValueError(
+                        f"allow entry '{module}.*' is refused: module {module!r} "
+                        "can run code or reach files, processes or the network"
+                    )
+                wildcards.add(module)
+            elif is_dangerous(module, qualname) and (module, qualname) not in unsafe:
+                raise ValueError(
+                    f"allow entry {entry_for(module, qualname)!r} is refused: calling "
+                    "it with attacker-chosen arguments can run code, touch files or "
+                    "exhaust memory. If every key holder may run code in this "
+                    f"process, pass unsafe_allow_dangerous=[{entry_for(module, qualname)!r}]"
+                )
+            else:
+                exact.add((module, qualname))
+        self._exact = frozenset(exact)
+        self._wildcards = frozenset(wildcards)
+        self._unsafe = frozenset(unsafe)
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    def __repr__(self) -> str:
+        extra = sorted(
+            entry_for(m, q) for m, q in self._exact
+            if f"{m}.{q}" not in DEFAULT_ALLOW
+        ) + sorted(f"{m}.*" for m in self._wildcards)
+        return f"<Policy default+{extra!r}>"
+
+    def resolve(self, module: str, name: str) -> Any:
+        """
+        The object a pickle's ``find_class(module, name)`` may receive.
+
+        Raises :class:`Refusal` if the policy refuses it.
+        """
+        key = (module, name)
+        try:
+            return self._cache[key]
+        except KeyError:
+            pass
+        obj = self._resolve(module, name)
+        self._cache[key] = obj
+        return obj
+
+    def _resolve(self, module: str, name: str) -> Any:
+        if not _MODULE_RE.match(module) or not _QUALNAME_RE.match(name):
+            # Never echo arbitrary payload text: show a bounded repr.
+            raise Refusal(repr(f"{module} {name}")[:80], "is not a valid global name", None)
+        shown = entry_for(module, name)
+        key = (module, name)
+        exact = key in self._exact
+        unsafe = key in self._unsafe
+        if not unsafe and is_dangerous(module, name):
+            raise Refusal(
+                shown,
+                "is refused even when allowlisted: calling it with attacker-chosen "
+                "arguments can run code, touch files or exhaust memory",
+                None,
+            )
+        if not exact:
+            if module not in self._wildcards:
+                raise Refusal(shown, "is not in the allowlist", shown)
+            if "." in name:
+                raise Refusal(
+                    shown,
+                    "walks attributes, which a wildcard never admits; name the "
+                    "nested class exactly",
+                    shown,
+                )
+        elif "." in name and not unsafe and (module, name) not in self._exact:
+            raise Refusal(shown, "walks attributes", shown)  # pragma: no cover
+        obj = self._import(module, name, shown)
+        if unsafe:
+            return obj
+        if isinstance(obj, ModuleType):
+            raise Refusal(shown, "is a module, and modules are never admitted", None)
+        # Check what was actually found, so that an alias (``run = os.system``)
+        # or a dangerous type's instance is refused whatever it is called.
+        real_module = getattr(obj, "__module__", None)
+        real_name = getattr(obj, "__qualname__", None)
+        if isinstance(real_module, str) and isinstance(real_name, str):
+            if is_dangerous(real_module, real_name):
+                raise Refusal(
+                    shown,
+                    f"is {real_module}.{real_name}, which is refused even when "
+                    "allowlisted",
+                    None,
+                )
+        kind = type(obj)
+        if not isinstance(obj, type) and is_dangerous(kind.__module__, kind.__qualname__):
+            raise Refusal(
+                shown,
+                f"is an instance of {kind.__module__}.{kind.__qualname__}, which is "
+                "refused even when allowlisted",
+                None,
+            )
+        if not exact and real_module != module:
+            raise Refusal(
+                shown,
+                f"is not defined in {module} (wildcards admit only what a module "
+                "defines, not what it imports)",
+                entry_for(real_module, real_name)
+                if isinstance(real_module, str) and isinstance(real_name, str)
+                else None,
+            )
+        if "." in name and (
+            not isinstance(obj, type) or real_module != module or real_name != name
+        ):
+            raise Refusal(
+                shown, "walks attributes to something that is not that nested class", None
+            )
+        return obj
+
+    @staticmethod
+    def _import(module: str, name: str, shown: str) -> Any:
+        try:
+            mod = sys.modules.get(module) or importlib.import_module(module)
+        except Exception:
+            raise Refusal(shown, f"names module {module!r}, which cannot be imported", None) from None
+        obj: Any = mod
+        for part in name.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise Refusal(shown, "does not exist", None) from None
+        return obj

@@ -1,0 +1,371 @@
+"""
+The codec: signs objects into frames and opens frames into objects.
+
+This is the one place that fixes the order of checks on an incoming frame::
+
+    size limit -> strict parse -> key lookup by id -> tag (constant time)
+    -> age -> serializer -> deserialize (restricted)
+
+No byte of a payload reaches a deserializer before its tag has verified.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import _frame
+from ._allowlist import AllowEntry, Policy, Refusal
+from ._keys import Keyring
+from ._msgpack import UnregisteredClass
+from ._serializers import (
+    DEFAULT_PROTOCOL,
+    Serializer,
+    UnsupportedProtocol,
+    make_serializer,
+)
+from ._unpickler import BudgetExceeded, GuardRefused
+from .exceptions import (
+    ExpiredFrame,
+    ForbiddenClass,
+    FrameTooLarge,
+    InvalidSignature,
+    MalformedFrame,
+    RejectedFrame,
+    UnknownKey,
+)
+
+__all__ = ["DEFAULT_CLOCK_SKEW", "DEFAULT_MAX_FRAME_SIZE", "Codec"]
+
+logger = logging.getLogger("signedqueue")
+
+#: Frames larger than this are refused before any byte is hashed: 128 MiB.
+DEFAULT_MAX_FRAME_SIZE = 128 * 1024 * 1024
+#: Seconds a frame may be dated ahead of the consumer's clock.
+DEFAULT_CLOCK_SKEW = 60.0
+#: Payloads at least this large are hashed in place instead of copied once
+#: more; below it one contiguous copy is cheaper than three hash updates.
+_LARGE = 64 * 1024
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Codec:
+    """
+    Signs objects into frames (``dumps``) and verifies and loads them
+    (``loads``).
+
+    Args:
+        keyring: Keys to sign with (the active one) and to verify with (all).
+        serializer: ``"pickle"`` (default; restricted by the allowlist),
+            ``"msgpack"`` (data only) or ``"cloudpickle"`` (code; needs
+            *unsafe_trust_signed_frames*).  A codec reads only frames made by
+            its own serializer.
+        allow: Globals a pickle may name besides the built-in safe set:
+            ``"pkg.mod.Name"``, ``"pkg.mod:Outer.Inner"``, ``"pkg.mod.*"`` or
+            class objects.
+        max_age: Seconds after which a frame is refused as expired; ``None``
+            for no limit.
+        context: Bytes bound into every tag but never sent, e.g. a queue
+            name.  A frame sealed under one context is refused under another.
+        max_frame_size: Frames larger than this are refused unhashed.
+        protocol: Pickle protocol for ``dumps`` (0 to 5; default 5).
+        msgpack_types: Dataclasses and NamedTuples the msgpack serializer may
+            carry.
+        clock_skew: Seconds a frame may be dated in the future (default 60).
+        unsafe_trust_signed_frames: Load pickles with plain ``pickle.loads``:
+            every holder of a key in the ring can run code in this process.
+        unsafe_allow_dangerous: Exact names admitted even though calling them
+            can run code (``"functools.partial"``, ...).  Same warning.
+        clock: Returns the current time in Unix seconds (for tests).
+
+    .. danger::
+        ``unsafe_trust_signed_frames`` and ``unsafe_allow_dangerous`` turn
+        every key holder into someone who can run code in your process.  Use
+        them only when every producer is as trusted as the consumer.
+    """
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        *,
+        serializer: str = "pickle",
+        allow: Iterable[AllowEntry] | None = None,
+        max_age: float | None = None,
+        context: bytes = b"",
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        protocol: int = DEFAULT_PROTOCOL,
+        msgpack_types: Iterable[type] = (),
+        clock_skew: float = DEFAULT_CLOCK_SKEW,
+        unsafe_trust_signed_frames: bool = False,
+        unsafe_allow_dangerous: Iterable[str] = (),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not isinstance(keyring, Keyring):
+            raise TypeError(f"keyring must be a Keyring, not {type(keyring).__name__}")
+        if not isinstance(context, (bytes, bytearray)):
+            raise TypeError("context must be bytes, e.g. b'orders-queue'")
+        if max_age is not None and max_age <= 0:
+            raise ValueError("max_age must be positive seconds or None")
+        if clock_skew < 0:
+            raise ValueError("clock_skew must be >= 0")
+        if max_frame_size < _frame.MIN_FRAME_SIZE:
+            raise ValueError(f"max_frame_size must be at least {_frame.MIN_FRAME_SIZE}")
+        allow = list(allow) if allow is not None else None
+        unsafe_allow_dangerous = list(unsafe_allow_dangerous)
+        msgpack_types = list(msgpack_types)
+        if serializer == "cloudpickle" and not unsafe_trust_signed_frames:
+            raise ValueError(
+                "serializer='cloudpickle' loads code, which no allowlist can "
+                "restrict; pass unsafe_trust_signed_frames=True to accept that "
+                "every holder of a key in this ring can run code in this process"
+            )
+        if unsafe_trust_signed_frames:
+            if allow is not None or unsafe_allow_dangerous:
+                raise ValueError(
+                    "unsafe_trust_signed_frames=True disables the allowlist; "
+                    "drop allow= and unsafe_allow_dangerous="
+                )
+            logger.warning(
+                "signedqueue: unsafe_trust_signed_frames=True: signed %s frames "
+                "are loaded without an allowlist; every key holder can run code "
+                "in this process",
+                serializer,
+            )
+            policy = None
+        else:
+            policy = Policy(allow, unsafe_allow_dangerous=unsafe_allow_dangerous)
+        self._keyring = keyring
+        self._serializer: Serializer = make_serializer(
+            serializer, protocol=protocol, policy=policy, msgpack_types=msgpack_types
+        )
+        self._context = bytes(context)
+        self._max_age_ms = None if max_age is None else max_age * 1000.0
+        self._skew_ms = clock_skew * 1000.0
+        self._max_frame_size = max_frame_size
+        self._clock = clock
+        self._prefixes: dict[tuple[bytes, int], bytes] = {}
+        # Everything needed to rebuild this codec in a child process.
+        self._options: dict[str, Any] = dict(
+            serializer=serializer,
+            allow=allow,
+            max_age=max_age,
+            context=self._context,
+            max_frame_size=max_frame_size,
+            protocol=protocol,
+            msgpack_types=msgpack_types,
+            clock_skew=clock_skew,
+            unsafe_trust_signed_frames=unsafe_trust_signed_frames,
+            unsafe_allow_dangerous=unsafe_allow_dangerous,
+            clock=clock,
+        )
+
+    # -- attributes --------------------------------------------------------
+
+    @property
+    def keyring(self) -> Keyring:
+        """The keyring this codec signs and verifies with."""
+        return self._keyring
+
+    @property
+    def serializer(self) -> str:
+        """The serializer's name."""
+        return self._serializer.name
+
+    @property
+    def max_frame_size(self) -> int:
+        """Frames larger than this are refused before hashing."""
+        return self._max_frame_size
+
+    def __repr__(self) -> str:
+        return (
+            f"<Codec serializer={self.serializer!r} active_key="
+            f"{self._keyring.active_id!r} max_frame_size={self._max_frame_size}>"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The keyring refuses to be pickled except while spawning a process.
+        return (_rebuild_codec, (self._keyring, self._options))
+
+    # -- producing ---------------------------------------------------------
+
+    def dumps(self, obj: Any) -> bytes:
+        """
+        Serialize *obj* and return it as a signed frame.
+
+        Serialization errors (an unpicklable object, a type msgpack cannot
+        carry) propagate unchanged.
+        """
+        payload, param = self._serializer.dumps(obj)
+        return self._seal(payload, param)
+
+    def seal(self, payload: Buffer) -> bytes:
+        """
+        Sign already serialized bytes as a frame of this codec's serializer.
+
+        The consumer deserializes the payload as that serializer's output,
+        so it must be one (e.g. a pickle for ``serializer="pickle"``).
+        """
+        return self._seal(payload, self._serializer.param_for(payload))
+
+    def _seal(self, payload: Buffer, param: int) -> bytes:
+        key_id, key = self._keyring._signing()
+        prefix = self._prefixes.get((key_id, param))
+        if prefix is None:
+            prefix = _frame.header_prefix(self._serializer.id, param, key_id)
+            self._prefixes[(key_id, param)] = prefix
+        size = len(payload)
+        header = prefix + _frame.header_suffix(
+            int(self._clock() * 1000), os.urandom(_frame.NONCE_SIZE), size
+        )
+        if size + len(header) + _frame.TAG_SIZE > self._max_frame_size:
+            raise ValueError(
+                f"the frame would be {size + len(header) + _frame.TAG_SIZE} bytes, "
+                f"over max_frame_size={self._max_frame_size}; raise max_frame_size "
+                "on producers and consumers alike"
+            )
+        ctx = self._context
+        if size < _LARGE:
+            body = header + payload
+            tag = hmac.digest(key, body + ctx if ctx else body, "sha256")
+            return body + tag
+        mac = hmac.new(key, header, "sha256")
+        mac.update(payload)
+        if ctx:
+            mac.update(ctx)
+        return b"".join((header, payload, mac.digest()))
+
+    # -- consuming ---------------------------------------------------------
+
+    def loads(self, frame: Buffer) -> Any:
+        """
+        Verify *frame* and return the object it carries.
+
+        Raises a :class:`RejectedFrame` subclass if the frame is refused, at
+        whichever check refused it first; nothing of the payload is
+        deserialized before its tag has verified.
+        """
+        try:
+            header, payload = self._open(frame)
+            return self._deserialize(header, payload)
+        except RejectedFrame as exc:
+            raise self._refused(exc, frame) from None
+
+    def unseal(self, frame: Buffer) -> bytes:
+        """
+        Verify *frame* and return its payload without deserializing it.
+        """
+        try:
+            _, payload = self._open(frame)
+            return bytes(payload)
+        except RejectedFrame as exc:
+            raise self._refused(exc, frame) from None
+
+    def _open(self, frame: Buffer) -> tuple[_frame.Header, memoryview]:
+        size = len(frame)
+        if size > self._max_frame_size:
+            raise FrameTooLarge(
+                f"frame of {size} bytes is over max_frame_size={self._max_frame_size}",
+                size=size,
+                limit=self._max_frame_size,
+            )
+        header = _frame.parse_unverified(frame)
+        key = self._keyring._mac_key(header.key_id)
+        if key is None:
+            key_id = header.key_id.decode("ascii")
+            raise UnknownKey(
+                f"frame was signed with key id {key_id!r}, which this keyring does "
+                f"not hold (it holds {list(self._keyring.key_ids)!r})",
+                key_id=key_id,
+            )
+        view = memoryview(frame)
+        end = header.payload_end
+        ctx = self._context
+        if ctx:
+            mac = hmac.new(key, view[:end], "sha256")
+            mac.update(ctx)
+            expected = mac.digest()
+        else:
+            expected = hmac.digest(key, view[:end], "sha256")
+        if not hmac.compare_digest(expected, view[end:]):
+            raise InvalidSignature(
+                "tag does not match: the frame was altered, or sealed under another "
+                "key with this id or another context"
+            )
+        age_ms = self._clock() * 1000.0 - header.created_ms
+        if age_ms < -self._skew_ms:
+            raise ExpiredFrame(
+                f"frame is dated {-age_ms / 1000:.3f} s in the future, beyond the "
+                f"allowed clock skew of {self._skew_ms / 1000:g} s",
+                age=age_ms / 1000,
+            )
+        if self._max_age_ms is not None and age_ms > self._max_age_ms:
+            raise ExpiredFrame(
+                f"frame is {age_ms / 1000:.3f} s old, over max_age="
+                f"{self._max_age_ms / 1000:g} s",
+                age=age_ms / 1000,
+            )
+        if header.serializer != self._serializer.id:
+            raise MalformedFrame(
+                f"frame was made by serializer "
+                f"{_frame.SERIALIZER_NAMES[header.serializer]!r} but this codec "
+                f"reads {self._serializer.name!r}"
+            )
+        return header, view[header.payload_start : end]
+
+    def _deserialize(self, header: _frame.Header, payload: memoryview) -> Any:
+        try:
+            return self._serializer.loads(payload, header.param)
+        except Refusal as exc:
+            hint = f"; to admit it, add allow=[{exc.entry!r}]" if exc.entry else ""
+            raise ForbiddenClass(
+                f"refused global {exc.name!r}: it {exc.why}{hint}",
+                names=[exc.name],
+                allow_entries=[exc.entry],
+            ) from None
+        except UnregisteredClass as exc:
+            raise ForbiddenClass(
+                f"refused class {exc.name!r}: it is not registered; pass it in "
+                "msgpack_types=[...]",
+                names=[exc.name],
+                allow_entries=[None],
+            ) from None
+        except UnsupportedProtocol as exc:
+            raise MalformedFrame(str(exc)) from None
+        except BudgetExceeded:
+            raise MalformedFrame(
+                "payload tried to build far more data than it carries (copy "
+                "amplification); refused"
+            ) from None
+        except GuardRefused as exc:
+            raise MalformedFrame(f"payload called a constructor in a refused form: {exc}") from None
+        except RecursionError:
+            raise MalformedFrame("payload is nested too deeply to load") from None
+        except Exception as exc:
+            # The message of the original error may quote payload bytes, so
+            # only its type is kept.
+            raise MalformedFrame(
+                f"{self._serializer.name} payload could not be loaded "
+                f"({type(exc).__name__})"
+            ) from None
+
+    def _refused(self, exc: RejectedFrame, frame: Buffer) -> RejectedFrame:
+        exc.frame = bytes(frame)
+        if exc.key_id is None:
+            exc.key_id = _frame.peek_key_id(frame)
+        logger.warning(
+            "signedqueue: refused frame (%s): %s [key id %s, %d bytes]",
+            type(exc).__name__,
+            exc.reason,
+            exc.key_id,
+            len(frame),
+        )
+        return exc
+
+
+def _rebuild_codec(keyring: Keyring, options: dict[str, Any]) -> Codec:
+    return Codec(keyring, **options)

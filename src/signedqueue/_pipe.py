@@ -1,0 +1,95 @@
+"""
+Raw records over a pipe: the transport under :class:`SignedQueue`.
+
+A record is an 8-byte big-endian length followed by that many bytes (one
+frame).  Nothing here deserializes anything: records are read into a
+preallocated buffer and handed to the codec, which verifies them first.
+
+Writes are vectored (the length and the frame go out in one ``writev`` with
+no concatenation), and the pipe buffer is enlarged where the OS allows, so
+large frames cross in few system calls.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+
+__all__ = ["RECORD_HEADER", "Oversized", "enlarge_pipe", "read_record", "write_record"]
+
+RECORD_HEADER = struct.Struct(">Q")
+#: Pipe buffer size requested on Linux (the unprivileged maximum by default).
+PIPE_SIZE = 1 << 20
+_F_SETPIPE_SZ = 1031  # Linux fcntl
+#: How much of an oversized record is kept for the exception; the rest is
+#: read and discarded in chunks of this size.
+_KEEP = 4096
+
+
+class Oversized:
+    """A record longer than the reader's limit, drained without storing it."""
+
+    __slots__ = ("prefix", "size")
+
+    def __init__(self, size: int, prefix: bytes) -> None:
+        self.size = size
+        self.prefix = prefix
+
+
+def enlarge_pipe(fd: int) -> None:
+    """Ask for a 1 MiB pipe buffer; silently keep the default if refused."""
+    if sys.platform.startswith("linux"):
+        try:
+            import fcntl
+
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        except OSError:  # pragma: no cover - limited by /proc/sys/fs/pipe-max-size
+            pass
+
+
+def write_record(fd: int, frame: bytes | bytearray | memoryview) -> None:
+    """Write one record, however many partial writes it takes."""
+    views = [memoryview(RECORD_HEADER.pack(len(frame))), memoryview(frame).cast("B")]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
+
+
+def _read_into(fd: int, view: memoryview) -> None:
+    while len(view):
+        n = os.readv(fd, [view])
+        if n == 0:
+            raise EOFError("the queue's pipe was closed in the middle of a record")
+        view = view[n:]
+
+
+def read_record(fd: int, limit: int) -> bytearray | Oversized:
+    """
+    Read one record.  A record longer than *limit* is drained in chunks and
+    returned as :class:`Oversized`, so the next record is still readable and
+    memory stays bounded.
+    """
+    head = bytearray(RECORD_HEADER.size)
+    first = os.readv(fd, [head])
+    if first == 0:
+        raise EOFError
+    _read_into(fd, memoryview(head)[first:])
+    (size,) = RECORD_HEADER.unpack(head)
+    if size > limit:
+        keep = bytearray(min(size, _KEEP))
+        _read_into(fd, memoryview(keep))
+        left = size - len(keep)
+        chunk = bytearray(min(left, 1 << 16))
+        while left:
+            view = memoryview(chunk)[: min(left, len(chunk))]
+            _read_into(fd, view)
+            left -= len(view)
+        return Oversized(size, bytes(keep))
+    buf = bytearray(size)
+    _read_into(fd, memoryview(buf))
+    return buf

@@ -1,0 +1,410 @@
+"""
+Drop-in replacements for ``multiprocessing.Queue`` and ``JoinableQueue``.
+
+``multiprocessing.Queue.get()`` unpickles whatever arrives in its pipe, so a
+signed queue cannot be built by wrapping one: an attacker's pickle would run
+before any check.  :class:`SignedQueue` therefore moves raw frame bytes over
+its own pipe (see :mod:`signedqueue._pipe`) and hands them to the codec, which
+verifies the tag before deserializing.  Frames are made in the caller of
+``put()`` (serialization errors raise there) and written by a feeder thread,
+with the locking, ``maxsize``, ``close()`` and ``join_thread()`` semantics of
+``multiprocessing.Queue``; the frame is pickled once, not twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import os
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from multiprocessing import connection, context
+from multiprocessing.context import BaseContext
+from multiprocessing.util import Finalize, is_exiting, register_after_fork
+from queue import Empty, Full
+from typing import Any
+
+from . import _pipe
+from ._codec import Buffer, Codec
+from ._keys import Keyring
+from .exceptions import FrameTooLarge, RejectedFrame
+
+__all__ = ["SignedJoinableQueue", "SignedQueue"]
+
+logger = logging.getLogger("signedqueue")
+
+_sentinel = object()
+
+
+class SignedQueue:
+    """
+    A process-safe FIFO queue whose items travel as signed frames.
+
+    Behaves like ``multiprocessing.Queue``: ``put``/``get`` with *block* and
+    *timeout*, ``put_nowait``/``get_nowait``, ``qsize``/``empty``/``full``,
+    ``close``/``join_thread``/``cancel_join_thread``, and it can be passed to
+    child processes as an argument under every start method.
+
+    Args:
+        keyring: Signs frames on ``put`` and verifies them on ``get``.
+        maxsize: Upper bound on items in the queue; ``<= 0`` for unbounded.
+        ctx: A multiprocessing context (default: the current one).
+        **codec_options: Passed to :class:`Codec` (``serializer``, ``allow``,
+            ``max_age``, ``context``, ``max_frame_size``, ...).
+
+    A frame that fails verification raises a :class:`RejectedFrame` subclass
+    from ``get()``, carrying the raw frame; the queue stays usable and the
+    next ``get()`` returns the next item.
+
+    POSIX only (Linux, macOS): the pipe is driven with ``os.writev`` and
+    ``os.readv``.
+    """
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        *,
+        maxsize: int = 0,
+        ctx: BaseContext | None = None,
+        **codec_options: Any,
+    ) -> None:
+        if sys.platform == "win32":  # pragma: no cover
+            raise OSError("SignedQueue needs POSIX pipes; on Windows use wrap()")
+        ctx = ctx if ctx is not None else context._default_context  # type: ignore[attr-defined]
+        self._codec = Codec(keyring, **codec_options)
+        if maxsize <= 0:
+            from multiprocessing.synchronize import SEM_VALUE_MAX
+
+            maxsize = SEM_VALUE_MAX
+        self._maxsize = maxsize
+        self._reader, self._writer = connection.Pipe(duplex=False)
+        _pipe.enlarge_pipe(self._writer.fileno())
+        self._rlock = ctx.Lock()
+        self._wlock = ctx.Lock()
+        self._sem = ctx.BoundedSemaphore(maxsize)
+        self._opid = os.getpid()
+        self._ignore_epipe = False
+        self._reset()
+        register_after_fork(self, SignedQueue._after_fork)
+
+    # -- process plumbing (as multiprocessing.Queue) -----------------------
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        context.assert_spawning(self)
+        return (
+            self._ignore_epipe, self._maxsize, self._reader, self._writer,
+            self._rlock, self._wlock, self._sem, self._opid, self._codec,
+        )
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        (
+            self._ignore_epipe, self._maxsize, self._reader, self._writer,
+            self._rlock, self._wlock, self._sem, self._opid, self._codec,
+        ) = state
+        self._reset()
+        register_after_fork(self, SignedQueue._after_fork)
+
+    def _after_fork(self) -> None:
+        self._reset(after_fork=True)
+
+    def _reset(self, after_fork: bool = False) -> None:
+        if after_fork:
+            self._notempty._at_fork_reinit()  # type: ignore[attr-defined]
+        else:
+            self._notempty = threading.Condition(threading.Lock())
+        self._buffer: collections.deque[Any] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._jointhread: Finalize | None = None
+        self._joincancelled = False
+        self._closed = False
+        self._close: Finalize | None = None
+        self._poll = self._reader.poll
+
+    @property
+    def codec(self) -> Codec:
+        """The codec that seals and opens this queue's frames."""
+        return self._codec
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} at {id(self):#x} codec={self._codec!r}>"
+
+    # -- producing ---------------------------------------------------------
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """
+        Sign *obj* and queue it.  Serialization errors raise here, in the
+        caller; ``queue.Full`` if no slot frees up in time.
+        """
+        self._put_frame(self._codec.dumps(obj), block, timeout)
+
+    def put_nowait(self, obj: Any) -> None:
+        """``put(obj, block=False)``."""
+        self.put(obj, False)
+
+    def put_frame(
+        self, frame: Buffer, block: bool = True, timeout: float | None = None
+    ) -> None:
+        """
+        Queue an already sealed frame as it is, without re-signing (to relay
+        frames between transports).  It is verified at ``get()`` like any
+        other frame.
+        """
+        self._put_frame(bytes(frame), block, timeout)
+
+    def _put_frame(self, frame: bytes, block: bool, timeout: float | None) -> None:
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        if not self._sem.acquire(block, timeout):
+            raise Full
+        with self._notempty:
+            if self._thread is None:
+                self._start_thread()
+            self._buffer.append(frame)
+            self._notempty.notify()
+
+    # -- consuming ---------------------------------------------------------
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """
+        Remove and return the next item, verified and loaded.
+
+        Raises ``queue.Empty`` if none arrives in time, and a
+        :class:`RejectedFrame` subclass if the next frame is refused (the
+        frame is consumed; the next call returns the next item).
+        """
+        return self._load(self._get_record(block, timeout))
+
+    def get_nowait(self) -> Any:
+        """``get(block=False)``."""
+        return self.get(False)
+
+    def get_frame(self, block: bool = True, timeout: float | None = None) -> bytes:
+        """
+        Remove the next frame and return it verified but not deserialized
+        (the payload is not loaded), e.g. to relay it with ``put_frame``.
+        """
+        record = self._get_record(block, timeout)
+        if isinstance(record, _pipe.Oversized):
+            self._load(record)  # raises FrameTooLarge
+        self._codec.unseal(record)
+        return bytes(record)
+
+    def _get_record(self, block: bool, timeout: float | None) -> bytearray | _pipe.Oversized:
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        limit = self._codec.max_frame_size
+        if block and timeout is None:
+            with self._rlock:
+                record = _pipe.read_record(self._reader.fileno(), limit)
+            self._sem.release()
+            return record
+        deadline = time.monotonic() + timeout if block and timeout is not None else 0.0
+        if not self._rlock.acquire(block, timeout):
+            raise Empty
+        try:
+            if block:
+                if not self._poll(max(deadline - time.monotonic(), 0.0)):
+                    raise Empty
+            elif not self._poll():
+                raise Empty
+            record = _pipe.read_record(self._reader.fileno(), limit)
+            self._sem.release()
+        finally:
+            self._rlock.release()
+        return record
+
+    def _load(self, record: bytearray | _pipe.Oversized) -> Any:
+        # Runs after the read lock is released, like multiprocessing.Queue.
+        try:
+            if isinstance(record, _pipe.Oversized):
+                exc = FrameTooLarge(
+                    f"frame of {record.size} bytes is over max_frame_size="
+                    f"{self._codec.max_frame_size}; it was drained unread",
+                    size=record.size,
+                    limit=self._codec.max_frame_size,
+                )
+                raise self._codec._refused(exc, record.prefix)
+            return self._codec.loads(record)
+        except RejectedFrame:
+            self._on_rejected()
+            raise
+
+    def _on_rejected(self) -> None:
+        """Hook: a frame was refused at get()."""
+
+    # -- size --------------------------------------------------------------
+
+    def qsize(self) -> int:
+        """Approximate number of items (NotImplementedError on macOS)."""
+        return self._maxsize - self._sem._semlock._get_value()  # type: ignore[attr-defined,no-any-return]
+
+    def empty(self) -> bool:
+        """True if no frame is waiting in the pipe (approximate)."""
+        return not self._poll()
+
+    def full(self) -> bool:
+        """True if ``maxsize`` items are queued (approximate)."""
+        return bool(self._sem._semlock._is_zero())  # type: ignore[attr-defined]
+
+    # -- shutdown (as multiprocessing.Queue) -------------------------------
+
+    def close(self) -> None:
+        """No more puts from this process; the feeder flushes and exits."""
+        self._closed = True
+        close = self._close
+        if close:
+            self._close = None
+            close()
+
+    def join_thread(self) -> None:
+        """Wait for the feeder thread to flush; only after ``close()``."""
+        if not self._closed:
+            raise ValueError(f"Queue {self!r} not closed")
+        if self._jointhread:
+            self._jointhread()
+
+    def cancel_join_thread(self) -> None:
+        """Do not wait for the feeder thread at process exit."""
+        self._joincancelled = True
+        jointhread = self._jointhread
+        if jointhread is not None:
+            jointhread.cancel()
+
+    def _start_thread(self) -> None:
+        self._buffer.clear()
+        self._thread = threading.Thread(
+            target=SignedQueue._feed,
+            args=(
+                self._buffer, self._notempty, self._writer.fileno(), self._wlock,
+                self._reader.close, self._writer.close, self._ignore_epipe, self._sem,
+            ),
+            name="SignedQueueFeederThread",
+            daemon=True,
+        )
+        self._thread.start()
+        if not self._joincancelled:
+            self._jointhread = Finalize(
+                self._thread, SignedQueue._finalize_join,
+                [weakref.ref(self._thread)], exitpriority=-5,
+            )
+        self._close = Finalize(
+            self, SignedQueue._finalize_close,
+            [self._buffer, self._notempty], exitpriority=10,
+        )
+
+    @staticmethod
+    def _finalize_join(twr: Callable[[], threading.Thread | None]) -> None:
+        thread = twr()
+        if thread is not None:
+            thread.join()
+
+    @staticmethod
+    def _finalize_close(buffer: collections.deque[Any], notempty: threading.Condition) -> None:
+        with notempty:
+            buffer.append(_sentinel)
+            notempty.notify()
+
+    @staticmethod
+    def _feed(
+        buffer: collections.deque[Any],
+        notempty: threading.Condition,
+        fd: int,
+        writelock: Any,
+        reader_close: Callable[[], None],
+        writer_close: Callable[[], None],
+        ignore_epipe: bool,
+        queue_sem: Any,
+    ) -> None:
+        popleft = buffer.popleft
+        while True:
+            try:
+                with notempty:
+                    if not buffer:
+                        notempty.wait()
+                try:
+                    while True:
+                        frame = popleft()
+                        if frame is _sentinel:
+                            reader_close()
+                            writer_close()
+                            return
+                        with writelock:
+                            _pipe.write_record(fd, frame)
+                except IndexError:
+                    pass
+            except Exception as exc:
+                if ignore_epipe and getattr(exc, "errno", 0) == errno.EPIPE:
+                    return
+                if is_exiting():
+                    return
+                # The frame never reached the pipe: free its slot and report.
+                queue_sem.release()
+                logger.error("signedqueue: feeder thread could not write a frame: %r", exc)
+
+
+class SignedJoinableQueue(SignedQueue):
+    """
+    A :class:`SignedQueue` with ``task_done()`` and ``join()``, like
+    ``multiprocessing.JoinableQueue``.
+
+    A ``get()`` that raises :class:`RejectedFrame` has already marked its item
+    done: call ``task_done()`` only for items ``get()`` returned.
+    """
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        *,
+        maxsize: int = 0,
+        ctx: BaseContext | None = None,
+        **codec_options: Any,
+    ) -> None:
+        ctx = ctx if ctx is not None else context._default_context  # type: ignore[attr-defined]
+        super().__init__(keyring, maxsize=maxsize, ctx=ctx, **codec_options)
+        self._unfinished_tasks = ctx.Semaphore(0)
+        self._cond = ctx.Condition()
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (*super().__getstate__(), self._cond, self._unfinished_tasks)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        super().__setstate__(state[:-2])
+        self._cond, self._unfinished_tasks = state[-2:]
+
+    def _put_frame(self, frame: bytes, block: bool, timeout: float | None) -> None:
+        if self._closed:
+            raise ValueError(f"Queue {self!r} is closed")
+        if not self._sem.acquire(block, timeout):
+            raise Full
+        with self._notempty, self._cond:
+            if self._thread is None:
+                self._start_thread()
+            self._buffer.append(frame)
+            self._unfinished_tasks.release()
+            self._notempty.notify()
+
+    def _on_rejected(self) -> None:
+        # The refused item will never be processed, so it is done.  (A frame
+        # written to the pipe by someone else was never counted; the count
+        # cannot go below zero.)
+        with self._cond:
+            if self._unfinished_tasks.acquire(False) and self._unfinished_tasks._semlock._is_zero():
+                self._cond.notify_all()
+
+    def task_done(self) -> None:
+        """Mark one item returned by ``get()`` as processed."""
+        with self._cond:
+            if not self._unfinished_tasks.acquire(False):
+                raise ValueError("task_done() called too many times")
+            if self._unfinished_tasks._semlock._is_zero():
+                self._cond.notify_all()
+
+    def join(self) -> None:
+        """Block until every item put has been marked done."""
+        with self._cond:
+            if not self._unfinished_tasks._semlock._is_zero():
+                self._cond.wait()

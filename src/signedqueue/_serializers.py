@@ -1,0 +1,151 @@
+"""
+Serializers: how a payload is made from an object and back.
+
+Each serializer has a wire id (see :mod:`signedqueue._frame`) and a one-byte
+parameter (the pickle protocol; 0 for msgpack).  Loading happens only after
+the codec has verified the frame's tag.
+
+* ``pickle``: restricted unpickling through the allowlist policy, or plain
+  ``pickle.loads`` when the codec was built with
+  ``unsafe_trust_signed_frames=True``.
+* ``msgpack``: data only; see :mod:`signedqueue._msgpack`.
+* ``cloudpickle``: code (lambdas, closures).  Loading it is full trust, so the
+  codec demands ``unsafe_trust_signed_frames=True``.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterable
+from typing import Any
+
+from . import _frame
+from ._allowlist import Policy
+from ._msgpack import MsgpackCodec
+from ._unpickler import restricted_loads
+
+__all__ = ["DEFAULT_PROTOCOL", "Serializer", "make_serializer"]
+
+#: The pickle protocol frames are written with unless ``protocol=`` says
+#: otherwise: 5, supported by every Python signedqueue runs on.
+DEFAULT_PROTOCOL = 5
+
+
+class Serializer:
+    """Base class.  ``dumps`` returns (payload, param)."""
+
+    id: int
+    name: str
+
+    def dumps(self, obj: Any) -> tuple[bytes, int]:
+        raise NotImplementedError
+
+    def param_for(self, payload: bytes | bytearray | memoryview) -> int:
+        """The header parameter for an already serialized payload (``seal``)."""
+        return 0
+
+    def loads(self, payload: memoryview, param: int) -> Any:
+        raise NotImplementedError
+
+
+class UnsupportedProtocol(Exception):
+    """Internal: the frame's pickle protocol is newer than this Python's."""
+
+
+class _PickleFamily(Serializer):
+    def __init__(self, protocol: int) -> None:
+        if not 0 <= protocol <= pickle.HIGHEST_PROTOCOL:
+            raise ValueError(
+                f"pickle protocol {protocol} is not supported here "
+                f"(0 to {pickle.HIGHEST_PROTOCOL})"
+            )
+        self.protocol = protocol
+
+    def param_for(self, payload: bytes | bytearray | memoryview) -> int:
+        # Protocols 2 and up start with PROTO n; 0 and 1 carry no marker.
+        if len(payload) >= 2 and payload[0] == 0x80:
+            return int(payload[1])
+        return 0
+
+    @staticmethod
+    def check_param(param: int) -> None:
+        if param > pickle.HIGHEST_PROTOCOL:
+            raise UnsupportedProtocol(
+                f"the frame uses pickle protocol {param}, newer than this Python "
+                f"reads (up to {pickle.HIGHEST_PROTOCOL}); upgrade Python on the "
+                "consumer or set protocol= lower on the producer"
+            )
+
+
+class PickleSerializer(_PickleFamily):
+    id = _frame.SERIALIZER_PICKLE
+    name = "pickle"
+
+    def __init__(self, protocol: int, policy: Policy | None) -> None:
+        super().__init__(protocol)
+        self.policy = policy  # None: full trust (unsafe_trust_signed_frames)
+
+    def dumps(self, obj: Any) -> tuple[bytes, int]:
+        return pickle.dumps(obj, self.protocol, fix_imports=False), self.protocol
+
+    def loads(self, payload: memoryview, param: int) -> Any:
+        self.check_param(param)
+        if self.policy is None:
+            return pickle.loads(payload, fix_imports=False)
+        return restricted_loads(payload, self.policy)
+
+
+class CloudpickleSerializer(_PickleFamily):
+    id = _frame.SERIALIZER_CLOUDPICKLE
+    name = "cloudpickle"
+
+    def __init__(self, protocol: int) -> None:
+        super().__init__(protocol)
+        try:
+            import cloudpickle
+        except ImportError:
+            raise ImportError(
+                "serializer='cloudpickle' needs the cloudpickle package: "
+                "pip install 'signedqueue[cloudpickle]'"
+            ) from None
+        self._dumps = cloudpickle.dumps
+
+    def dumps(self, obj: Any) -> tuple[bytes, int]:
+        return self._dumps(obj, protocol=self.protocol), self.protocol
+
+    def loads(self, payload: memoryview, param: int) -> Any:
+        self.check_param(param)
+        return pickle.loads(payload)
+
+
+class MsgpackSerializer(Serializer):
+    id = _frame.SERIALIZER_MSGPACK
+    name = "msgpack"
+
+    def __init__(self, types: Iterable[type]) -> None:
+        self._codec = MsgpackCodec(types)
+
+    def dumps(self, obj: Any) -> tuple[bytes, int]:
+        return self._codec.packb(obj), 0
+
+    def loads(self, payload: memoryview, param: int) -> Any:
+        return self._codec.unpackb(payload)
+
+
+SERIALIZERS = ("pickle", "msgpack", "cloudpickle")
+
+
+def make_serializer(
+    name: str,
+    *,
+    protocol: int,
+    policy: Policy | None,
+    msgpack_types: Iterable[type],
+) -> Serializer:
+    if name == "pickle":
+        return PickleSerializer(protocol, policy)
+    if name == "msgpack":
+        return MsgpackSerializer(msgpack_types)
+    if name == "cloudpickle":
+        return CloudpickleSerializer(protocol)
+    raise ValueError(f"unknown serializer {name!r}; use one of {', '.join(SERIALIZERS)}")

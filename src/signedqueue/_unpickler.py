@@ -1,0 +1,276 @@
+"""
+Restricted unpickling: ``find_class`` admits only what the policy allows.
+
+Some admitted constructors would let a small pickle build a huge object (a
+copying constructor called many times on one shared list, ``bytes(10**12)``,
+``Fraction("1e999999999")``).  Those are handed to the unpickler as *guards*:
+checked wrappers that refuse dangerous argument forms and charge the size of
+what they copy against a budget equal to the payload size.  Every byte a
+guarded constructor materializes is therefore paid for by a byte of payload.
+"""
+
+from __future__ import annotations
+
+import collections
+import copyreg
+import decimal
+import fractions
+import io
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+from ._allowlist import Policy
+
+__all__ = ["BudgetExceeded", "GuardRefused", "restricted_loads"]
+
+#: Bytes of budget every load gets on top of the payload size.
+BUDGET_SLACK = 4096
+#: Largest integer (in bits) a Fraction guard accepts: about 15,000 digits.
+MAX_FRACTION_BITS = 50_000
+
+
+class BudgetExceeded(Exception):
+    """Internal: a payload tried to build more than it carries."""
+
+
+class GuardRefused(Exception):
+    """Internal: a guarded constructor was called with a refused form."""
+
+
+class _Budget:
+    __slots__ = ("left",)
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+    def charge(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise BudgetExceeded
+
+
+def _sized(budget: _Budget, value: object, what: str) -> None:
+    try:
+        n = len(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise GuardRefused(f"{what} takes only sized arguments") from None
+    budget.charge(n)
+
+
+_BYTES_LIKE = (bytes, bytearray, memoryview)
+
+
+def _copying(fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    # list, tuple, set, frozenset, dict, deque, OrderedDict, Counter
+    if args:
+        _sized(budget, args[0], fn.__name__)
+    budget.charge(len(kw))
+    return fn(*args, **kw)
+
+
+def _binary(fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    # bytes, bytearray: never an integer size (bytes(10**12)).
+    if kw or len(args) > 3:
+        raise GuardRefused(f"{fn.__name__} takes positional arguments only")
+    if args:
+        first = args[0]
+        if isinstance(first, str):
+            if len(args) < 2:
+                raise GuardRefused(f"{fn.__name__}(str) needs an encoding")
+        elif isinstance(first, (*_BYTES_LIKE, list, tuple)):
+            if len(args) > 1:
+                raise GuardRefused(f"{fn.__name__}(bytes) takes no encoding")
+        else:
+            raise GuardRefused(f"{fn.__name__} refuses {type(first).__name__} arguments")
+        _sized(budget, first, fn.__name__)
+    return fn(*args)
+
+
+def _text(fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    # str: no repr() of arbitrary (possibly huge, shared) objects.
+    if kw or len(args) > 3:
+        raise GuardRefused("str takes positional arguments only")
+    if args:
+        first = args[0]
+        if len(args) == 1 and not isinstance(first, str):
+            raise GuardRefused("str(x) is admitted only for strings and bytes with an encoding")
+        if len(args) > 1 and not isinstance(first, _BYTES_LIKE):
+            raise GuardRefused("str(x, encoding) takes bytes")
+        _sized(budget, first, "str")
+    return fn(*args)
+
+
+def _integer(fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    # int: from text (bounded by sys.int_info digit limits) or numbers; never
+    # through __int__ of a Decimal with a huge exponent.
+    if kw or len(args) > 2:
+        raise GuardRefused("int takes positional arguments only")
+    if args:
+        first = args[0]
+        if isinstance(first, (str, *_BYTES_LIKE)):
+            _sized(budget, first, "int")
+        elif type(first) not in (int, bool, float) or len(args) > 1:
+            raise GuardRefused(f"int refuses {type(first).__name__} arguments")
+    return fn(*args)
+
+
+def _decimal(fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    if kw or len(args) > 2 or not args:
+        raise GuardRefused("Decimal takes a string or a (sign, digits, exponent) tuple")
+    value = args[0]
+    if isinstance(value, str):
+        _sized(budget, value, "Decimal")
+    elif isinstance(value, tuple) and len(value) == 3:
+        _sized(budget, value[1], "Decimal")
+    elif type(value) is not decimal.Decimal:
+        raise GuardRefused("Decimal takes a string or a (sign, digits, exponent) tuple")
+    return fn(*args)
+
+
+def _fraction(fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    # Fraction("1e999999999") computes 10**999999999; gcd of huge ints is
+    # quadratic.  Admit "n/d" strings and bounded integers only.
+    if kw or not 1 <= len(args) <= 2:
+        raise GuardRefused("Fraction takes a string or one or two integers")
+    for value in args:
+        if isinstance(value, str):
+            if len(args) != 1 or "e" in value.lower():
+                raise GuardRefused("Fraction strings must be 'n' or 'n/d' without exponent")
+            _sized(budget, value, "Fraction")
+        elif type(value) is int:
+            if value.bit_length() > MAX_FRACTION_BITS:
+                raise GuardRefused("Fraction integer too large")
+        elif type(value) is not fractions.Fraction:
+            raise GuardRefused(f"Fraction refuses {type(value).__name__} arguments")
+    return fn(*args)
+
+
+def _latin1_encode(fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    # How protocols 0-2 write bytes: _codecs.encode(text, "latin1").
+    if kw or len(args) != 2 or not isinstance(args[0], str):
+        raise GuardRefused("_codecs.encode is admitted only as encode(str, 'latin1')")
+    if args[1].lower().replace("_", "-") not in ("latin1", "latin-1", "iso-8859-1"):
+        raise GuardRefused("_codecs.encode is admitted only with the latin1 codec")
+    budget.charge(len(args[0]))
+    return fn(*args)
+
+
+def _reconstructor(fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    # How protocols 0 and 1 rebuild plain class instances.
+    if kw or len(args) != 3 or args[1] is not object or not isinstance(args[0], type):
+        raise GuardRefused(
+            "copyreg._reconstructor is admitted only for plain classes; "
+            "pickle subclasses of built-in types with protocol 2 or newer"
+        )
+    return fn(*args)
+
+
+#: Types a defaultdict may use as its default_factory.
+SAFE_FACTORIES: frozenset[type] = frozenset(
+    {
+        bool, bytearray, bytes, complex, dict, float, frozenset, int, list, set,
+        str, tuple, collections.Counter, collections.OrderedDict, collections.deque,
+        decimal.Decimal, fractions.Fraction,
+    }
+)
+
+
+def _defaultdict(fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    if kw or len(args) > 2:
+        raise GuardRefused("defaultdict takes a factory and an optional mapping")
+    args_list = list(args)
+    if args_list:
+        factory = args_list[0]
+        if isinstance(factory, Guard):
+            factory = args_list[0] = factory.__wrapped__
+        if factory is not None and factory not in SAFE_FACTORIES:
+            raise GuardRefused("defaultdict factory must be None or a built-in value type")
+        if len(args_list) > 1:
+            _sized(budget, args_list[1], "defaultdict")
+    return fn(*args_list)
+
+
+_CHECKS: dict[Any, Callable[[Any, _Budget, tuple[Any, ...], dict[str, Any]], Any]] = {
+    list: _copying,
+    tuple: _copying,
+    set: _copying,
+    frozenset: _copying,
+    dict: _copying,
+    collections.deque: _copying,
+    collections.OrderedDict: _copying,
+    collections.Counter: _copying,
+    collections.defaultdict: _defaultdict,
+    bytes: _binary,
+    bytearray: _binary,
+    str: _text,
+    int: _integer,
+    decimal.Decimal: _decimal,
+    fractions.Fraction: _fraction,
+    copyreg._reconstructor: _reconstructor,  # type: ignore[attr-defined]
+}
+try:
+    import _codecs
+
+    _CHECKS[_codecs.encode] = _latin1_encode
+except ImportError:  # pragma: no cover
+    pass
+
+
+class Guard:
+    """
+    A checked stand-in for an admitted constructor, used only while loading.
+    """
+
+    __slots__ = ("__wrapped__", "_budget", "_check")
+
+    def __init__(self, wrapped: Any, check: Any, budget: _Budget) -> None:
+        self.__wrapped__ = wrapped
+        self._check = check
+        self._budget = budget
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        return self._check(self.__wrapped__, self._budget, args, kw)
+
+    def __repr__(self) -> str:
+        return f"<guarded {self.__wrapped__!r}>"
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler whose ``find_class`` asks the policy."""
+
+    def __init__(self, file: io.BytesIO, policy: Policy, budget: int) -> None:
+        super().__init__(file, fix_imports=False)
+        self._policy = policy
+        self._budget = _Budget(budget)
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = self._policy.resolve(module, name)
+        try:
+            check = _CHECKS.get(obj)
+        except TypeError:  # unhashable object
+            check = None
+        if check is not None:
+            return Guard(obj, check, self._budget)
+        return obj
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("persistent ids are not supported")
+
+
+def restricted_loads(payload: bytes | bytearray | memoryview, policy: Policy) -> Any:
+    """
+    Load a pickle, admitting only what *policy* allows.
+
+    Raises :class:`~signedqueue._allowlist.Refusal`, :class:`BudgetExceeded`,
+    :class:`GuardRefused` or whatever the pickle machinery raises; the codec
+    turns each into a :class:`~signedqueue.RejectedFrame`.
+    """
+    size = len(payload)
+    file = io.BytesIO(payload)
+    obj = RestrictedUnpickler(file, policy, size + BUDGET_SLACK).load()
+    # One pickle per payload: a trailing byte is refused, as in the frame.
+    # (The C unpickler reads from a BytesIO exactly as far as STOP.)
+    if file.tell() != size:
+        raise pickle.UnpicklingError("trailing data after the pickle")
+    return obj

@@ -1,0 +1,116 @@
+"""
+``wrap()``: signed frames through any queue-like object.
+
+What it protects depends on the queue underneath:
+
+* ``queue.Queue``, ``asyncio``-free in-process queues, and any queue that
+  moves the frame bytes as they are: every item is verified before it is
+  loaded.
+* Queues that pickle their items themselves (``multiprocessing.Queue``,
+  manager queue proxies): the frame is verified before *signedqueue* loads
+  it, but the queue has already unpickled its own envelope, so whoever can
+  write to that queue's transport can still run code in the consumer.  Use
+  :class:`SignedQueue` instead of a wrapped ``multiprocessing.Queue``; a
+  manager is only as safe as its ``authkey``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.queues
+import warnings
+from typing import Any
+
+from ._codec import Buffer, Codec
+from ._keys import Keyring
+from .exceptions import MalformedFrame
+
+__all__ = ["UnprotectedTransportWarning", "WrappedQueue", "wrap"]
+
+
+class UnprotectedTransportWarning(UserWarning):
+    """The wrapped queue unpickles its transport before signedqueue can check."""
+
+
+class WrappedQueue:
+    """
+    A queue-like object whose items travel through *queue* as signed frames.
+
+    Methods the wrapped queue lacks (``task_done`` on a ``queue.SimpleQueue``,
+    say) raise ``AttributeError``.
+    """
+
+    def __init__(self, queue: Any, codec: Codec) -> None:
+        self.queue = queue
+        self.codec = codec
+
+    def __repr__(self) -> str:
+        return f"<WrappedQueue of {type(self.queue).__name__} codec={self.codec!r}>"
+
+    def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Sign *obj* (errors raise here) and put the frame."""
+        self.queue.put(self.codec.dumps(obj), block, timeout)
+
+    def put_nowait(self, obj: Any) -> None:
+        self.put(obj, False)
+
+    def put_frame(self, frame: Buffer, block: bool = True, timeout: float | None = None) -> None:
+        """Put an already sealed frame as it is; it is verified at ``get()``."""
+        self.queue.put(bytes(frame), block, timeout)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        """Get the next frame, verify it, and return the object it carries."""
+        item = self.queue.get(block, timeout)
+        if not isinstance(item, (bytes, bytearray, memoryview)):
+            exc = MalformedFrame(
+                f"the queue delivered a {type(item).__name__}, not a frame; "
+                "something put an unsigned object into it"
+            )
+            raise self.codec._refused(exc, b"")
+        return self.codec.loads(item)
+
+    def get_nowait(self) -> Any:
+        return self.get(False)
+
+    def qsize(self) -> int:
+        return int(self.queue.qsize())
+
+    def empty(self) -> bool:
+        return bool(self.queue.empty())
+
+    def full(self) -> bool:
+        return bool(self.queue.full())
+
+    def task_done(self) -> None:
+        self.queue.task_done()
+
+    def join(self) -> None:
+        self.queue.join()
+
+    def close(self) -> None:
+        self.queue.close()
+
+    def join_thread(self) -> None:
+        self.queue.join_thread()
+
+    def cancel_join_thread(self) -> None:
+        self.queue.cancel_join_thread()
+
+
+def wrap(queue: Any, keyring: Keyring, **codec_options: Any) -> WrappedQueue:
+    """
+    Wrap a queue-like object (``queue.Queue``, a manager queue proxy, ...) so
+    that items go in as signed frames and are verified on the way out.
+
+    Wrapping a ``multiprocessing.Queue`` warns with
+    :class:`UnprotectedTransportWarning`: its ``get()`` unpickles the pipe
+    before any check.  Use :class:`SignedQueue` instead.
+    """
+    if isinstance(queue, multiprocessing.queues.Queue):
+        warnings.warn(
+            "wrap() cannot protect a multiprocessing.Queue: its get() unpickles "
+            "whatever is in its pipe before signedqueue sees it. Use "
+            "signedqueue.SignedQueue (or SignedJoinableQueue) instead.",
+            UnprotectedTransportWarning,
+            stacklevel=2,
+        )
+    return WrappedQueue(queue, Codec(keyring, **codec_options))
