@@ -42,7 +42,7 @@ logger = logging.getLogger("signedqueue")
 
 #: An ``allow=`` entry: a dotted name, a ``"module:Qual.Name"``, a
 #: ``"module.*"`` wildcard, or a class or function object.
-AllowEntry = Union[str, type, Any]
+AllowEntry = Union[str, type, Any]  # noqa: UP007 (runtime alias on 3.10)
 
 #: Globals admitted when ``allow=None``, and always admitted besides the
 #: user's entries.  docs/reference/allowlist.md gives the reason for each.
@@ -186,12 +186,13 @@ def _parse_entry(entry: AllowEntry) -> tuple[str, str]:
                 "'pkg.mod:Outer.Inner', 'pkg.mod.*' or a class object"
             )
         return module, qualname
-    module = getattr(entry, "__module__", None)
-    qualname = getattr(entry, "__qualname__", None)
-    if not isinstance(module, str) or not isinstance(qualname, str):
+    obj_module = getattr(entry, "__module__", None)
+    obj_qualname = getattr(entry, "__qualname__", None)
+    if not isinstance(obj_module, str) or not isinstance(obj_qualname, str):
         raise TypeError(
             f"allow entries are strings, classes or functions, not {type(entry).__name__}"
         )
+    module, qualname = obj_module, obj_qualname
     if "<locals>" in qualname or "<lambda>" in qualname:
         raise ValueError(
             f"{qualname!r} is defined inside a function; pickle cannot name it. "
@@ -230,8 +231,8 @@ class Policy:
                 "can run code in this process",
                 sorted(entry_for(m, q) for m, q in unsafe),
             )
-        for entry in DEFAULT_ALLOW:
-            exact.add(_parse_entry(entry))
+        for default in DEFAULT_ALLOW:
+            exact.add(_parse_entry(default))
         for entry in allow or ():
             module, qualname = _parse_entry(entry)
             if qualname == "*":
@@ -313,14 +314,16 @@ class Policy:
         # or a dangerous type's instance is refused whatever it is called.
         real_module = getattr(obj, "__module__", None)
         real_name = getattr(obj, "__qualname__", None)
-        if isinstance(real_module, str) and isinstance(real_name, str):
-            if is_dangerous(real_module, real_name):
-                raise Refusal(
-                    shown,
-                    f"is {real_module}.{real_name}, which is refused even when "
-                    "allowlisted",
-                    None,
-                )
+        if (
+            isinstance(real_module, str)
+            and isinstance(real_name, str)
+            and is_dangerous(real_module, real_name)
+        ):
+            raise Refusal(
+                shown,
+                f"is {real_module}.{real_name}, which is refused even when allowlisted",
+                None,
+            )
         kind = type(obj)
         if not isinstance(obj, type) and is_dangerous(kind.__module__, kind.__qualname__):
             raise Refusal(
@@ -351,7 +354,9 @@ class Policy:
         try:
             mod = sys.modules.get(module) or importlib.import_module(module)
         except Exception:
-            raise Refusal(shown, f"names module {module!r}, which cannot be imported", None) from None
+            raise Refusal(
+                shown, f"names module {module!r}, which cannot be imported", None
+            ) from None
         obj: Any = mod
         for part in name.split("."):
             try:

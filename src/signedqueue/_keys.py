@@ -10,8 +10,8 @@ docs/explanation/wire-format.md, "Key derivation").
 from __future__ import annotations
 
 import base64
-import contextlib
 import binascii
+import contextlib
 import json
 import os
 import re
@@ -165,10 +165,8 @@ class Keyring:
         """
         try:
             doc = json.loads(text)
-        except ValueError as exc:
-            raise SignedQueueError(
-                f"keyring document is not valid JSON ({exc.msg})"
-            ) from None
+        except ValueError:
+            raise SignedQueueError("keyring document is not valid JSON") from None
         return cls._from_doc(doc)
 
     @classmethod

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import errno
 import logging
+import multiprocessing
 import os
 import sys
 import threading
@@ -74,12 +75,12 @@ class SignedQueue:
     ) -> None:
         if sys.platform == "win32":  # pragma: no cover
             raise OSError("SignedQueue needs POSIX pipes; on Windows use wrap()")
-        ctx = ctx if ctx is not None else context._default_context  # type: ignore[attr-defined]
+        ctx = ctx if ctx is not None else multiprocessing.get_context()
         self._codec = Codec(keyring, **codec_options)
         if maxsize <= 0:
-            from multiprocessing.synchronize import SEM_VALUE_MAX
+            from multiprocessing import synchronize
 
-            maxsize = SEM_VALUE_MAX
+            maxsize = synchronize.SEM_VALUE_MAX  # type: ignore[attr-defined]
         self._maxsize = maxsize
         self._reader, self._writer = connection.Pipe(duplex=False)
         _pipe.enlarge_pipe(self._writer.fileno())
@@ -113,7 +114,7 @@ class SignedQueue:
 
     def _reset(self, after_fork: bool = False) -> None:
         if after_fork:
-            self._notempty._at_fork_reinit()  # type: ignore[attr-defined]
+            self._notempty._at_fork_reinit()  # type: ignore[has-type]
         else:
             self._notempty = threading.Condition(threading.Lock())
         self._buffer: collections.deque[Any] = collections.deque()
@@ -189,8 +190,12 @@ class SignedQueue:
         """
         record = self._get_record(block, timeout)
         if isinstance(record, _pipe.Oversized):
-            self._load(record)  # raises FrameTooLarge
-        self._codec.unseal(record)
+            return self._load(record)  # type: ignore[no-any-return] # raises FrameTooLarge
+        try:
+            self._codec.unseal(record)
+        except RejectedFrame:
+            self._on_rejected()
+            raise
         return bytes(record)
 
     def _get_record(self, block: bool, timeout: float | None) -> bytearray | _pipe.Oversized:
@@ -346,6 +351,10 @@ class SignedQueue:
                 logger.error("signedqueue: feeder thread could not write a frame: %r", exc)
 
 
+def _is_zero(sem: Any) -> bool:
+    return bool(sem._semlock._is_zero())
+
+
 class SignedJoinableQueue(SignedQueue):
     """
     A :class:`SignedQueue` with ``task_done()`` and ``join()``, like
@@ -363,7 +372,7 @@ class SignedJoinableQueue(SignedQueue):
         ctx: BaseContext | None = None,
         **codec_options: Any,
     ) -> None:
-        ctx = ctx if ctx is not None else context._default_context  # type: ignore[attr-defined]
+        ctx = ctx if ctx is not None else multiprocessing.get_context()
         super().__init__(keyring, maxsize=maxsize, ctx=ctx, **codec_options)
         self._unfinished_tasks = ctx.Semaphore(0)
         self._cond = ctx.Condition()
@@ -392,7 +401,7 @@ class SignedJoinableQueue(SignedQueue):
         # written to the pipe by someone else was never counted; the count
         # cannot go below zero.)
         with self._cond:
-            if self._unfinished_tasks.acquire(False) and self._unfinished_tasks._semlock._is_zero():
+            if self._unfinished_tasks.acquire(False) and _is_zero(self._unfinished_tasks):
                 self._cond.notify_all()
 
     def task_done(self) -> None:
@@ -400,11 +409,11 @@ class SignedJoinableQueue(SignedQueue):
         with self._cond:
             if not self._unfinished_tasks.acquire(False):
                 raise ValueError("task_done() called too many times")
-            if self._unfinished_tasks._semlock._is_zero():
+            if _is_zero(self._unfinished_tasks):
                 self._cond.notify_all()
 
     def join(self) -> None:
         """Block until every item put has been marked done."""
         with self._cond:
-            if not self._unfinished_tasks._semlock._is_zero():
+            if not _is_zero(self._unfinished_tasks):
                 self._cond.wait()
