@@ -130,6 +130,9 @@ DANGEROUS_NAMES: frozenset[str] = frozenset(
     )
 )
 
+#: Longest "module.qualname" a pickle may name (keeps refusals short).
+MAX_NAME_LENGTH = 200
+
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 _MODULE_RE = re.compile(rf"{_IDENT}(?:\.{_IDENT})*\Z")
 _QUALNAME_RE = _MODULE_RE
@@ -193,7 +196,9 @@ def _parse_entry(entry: AllowEntry) -> tuple[str, str]:
             f"allow entries are strings, classes or functions, not {type(entry).__name__}"
         )
     module, qualname = obj_module, obj_qualname
-    if "<locals>" in qualname or "<lambda>" in qualname:
+    if "<lambda>" in qualname:
+        raise ValueError("a lambda cannot be named by pickle; use a def at module level")
+    if "<locals>" in qualname:
         raise ValueError(
             f"{qualname!r} is defined inside a function; pickle cannot name it. "
             "Define it at module level."
@@ -279,7 +284,11 @@ class Policy:
         return obj
 
     def _resolve(self, module: str, name: str) -> Any:
-        if not _MODULE_RE.match(module) or not _QUALNAME_RE.match(name):
+        if (
+            len(module) + len(name) > MAX_NAME_LENGTH
+            or not _MODULE_RE.match(module)
+            or not _QUALNAME_RE.match(name)
+        ):
             # Never echo arbitrary payload text: show a bounded repr.
             raise Refusal(repr(f"{module} {name}")[:80], "is not a valid global name", None)
         shown = entry_for(module, name)

@@ -28,7 +28,7 @@ from ._serializers import (
     UnsupportedProtocol,
     make_serializer,
 )
-from ._unpickler import BudgetExceeded, GuardRefused
+from ._unpickler import BudgetExceeded, GlobalModified, GuardRefused
 from .exceptions import (
     ExpiredFrame,
     ForbiddenClass,
@@ -125,6 +125,11 @@ class Codec:
                 "every holder of a key in this ring can run code in this process"
             )
         if unsafe_trust_signed_frames:
+            if serializer == "msgpack":
+                raise ValueError(
+                    "unsafe_trust_signed_frames has no meaning for msgpack, which "
+                    "carries data only; drop it"
+                )
             if allow is not None or unsafe_allow_dangerous:
                 raise ValueError(
                     "unsafe_trust_signed_frames=True disables the allowlist; "
@@ -266,14 +271,17 @@ class Codec:
             raise self._refused(exc, frame) from None
 
     def _open(self, frame: Buffer) -> tuple[_frame.Header, memoryview]:
-        size = len(frame)
+        view = memoryview(frame)
+        if view.itemsize != 1 or view.ndim != 1:
+            view = view.cast("B")  # e.g. a memoryview of an array of ints
+        size = view.nbytes
         if size > self._max_frame_size:
             raise FrameTooLarge(
                 f"frame of {size} bytes is over max_frame_size={self._max_frame_size}",
                 size=size,
                 limit=self._max_frame_size,
             )
-        header = _frame.parse_unverified(frame)
+        header = _frame.parse_unverified(view)
         key = self._keyring._mac_key(header.key_id)
         if key is None:
             key_id = header.key_id.decode("ascii")
@@ -282,7 +290,6 @@ class Codec:
                 f"not hold (it holds {list(self._keyring.key_ids)!r})",
                 key_id=key_id,
             )
-        view = memoryview(frame)
         end = header.payload_end
         ctx = self._context
         if ctx:
@@ -327,6 +334,13 @@ class Codec:
                 names=[exc.name],
                 allow_entries=[exc.entry],
             ) from None
+        except GlobalModified as exc:
+            raise ForbiddenClass(
+                f"refused pickle: it tried to change the attributes of {exc.name!r} "
+                "itself (not of an instance); the change was undone",
+                names=[exc.name],
+                allow_entries=[None],
+            ) from None
         except UnregisteredClass as exc:
             raise ForbiddenClass(
                 f"refused class {exc.name!r}: it is not registered; pass it in "
@@ -354,15 +368,15 @@ class Codec:
             ) from None
 
     def _refused(self, exc: RejectedFrame, frame: Buffer) -> RejectedFrame:
-        exc.frame = bytes(frame)
+        exc.frame = raw = bytes(frame)
         if exc.key_id is None:
-            exc.key_id = _frame.peek_key_id(frame)
+            exc.key_id = _frame.peek_key_id(raw)
         logger.warning(
             "signedqueue: refused frame (%s): %s [key id %s, %d bytes]",
             type(exc).__name__,
             exc.reason,
             exc.key_id,
-            len(frame),
+            len(raw),
         )
         return exc
 

@@ -132,7 +132,9 @@ def peek_key_id(frame: bytes | bytearray | memoryview) -> str | None:
         if len(frame) >= LEAD_SIZE and bytes(frame[:2]) == MAGIC:
             kid_len = frame[6]
             kid = bytes(frame[LEAD_SIZE : LEAD_SIZE + kid_len])
-            if _KEY_ID_RE.match(kid):
+            # A key id cut short by truncation is not the id: it may even be
+            # another key's (b"k1" of b"k12").
+            if len(kid) == kid_len and _KEY_ID_RE.match(kid):
                 return kid.decode("ascii")
     except (IndexError, TypeError):  # pragma: no cover - defensive
         pass

@@ -28,7 +28,7 @@ from typing import Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .exceptions import SignedQueueError
+from .exceptions import KeyringError
 
 __all__ = ["DEFAULT_ENV_VAR", "KEY_SIZE", "MIN_KEY_SIZE", "Keyring"]
 
@@ -166,17 +166,19 @@ class Keyring:
         try:
             doc = json.loads(text)
         except ValueError:
-            raise SignedQueueError("keyring document is not valid JSON") from None
+            raise KeyringError("keyring document is not valid JSON") from None
         return cls._from_doc(doc)
 
     @classmethod
     def _from_doc(cls, doc: Any) -> Keyring:
-        def bad(what: str) -> SignedQueueError:
-            return SignedQueueError(f"invalid keyring document: {what}")
+        def bad(what: str) -> KeyringError:
+            return KeyringError(f"invalid keyring document: {what}")
 
         if not isinstance(doc, dict):
             raise bad("the top level must be an object")
-        if doc.get("format") != _FILE_FORMAT or doc.get("version") != _FILE_VERSION:
+        if doc.get("format") != _FILE_FORMAT or type(doc.get("version")) is not int or (
+            doc["version"] != _FILE_VERSION
+        ):
             raise bad(
                 f'expected "format": "{_FILE_FORMAT}" and "version": '
                 f"{_FILE_VERSION}"
@@ -192,12 +194,15 @@ class Keyring:
         for kid, entry in keys_doc.items():
             if not isinstance(entry, dict) or not isinstance(entry.get("secret"), str):
                 raise bad(f'key {kid!r} needs a "secret" string (base64)')
+            extra = set(entry) - {"secret", "created"}
+            if extra:
+                raise bad(f"unknown fields {sorted(extra)} in key {kid!r}")
             try:
                 keys[kid] = base64.b64decode(entry["secret"], validate=True)
             except (binascii.Error, ValueError):
                 raise bad(f"the secret of key {kid!r} is not valid base64") from None
             stamp = entry.get("created", 0)
-            if not isinstance(stamp, (int, float)):
+            if type(stamp) not in (int, float):
                 raise bad(f'"created" of key {kid!r} must be a number')
             created[kid] = float(stamp)
         active = doc.get("active")
@@ -215,14 +220,14 @@ class Keyring:
         """
         Load a ring from a JSON keyring file.
 
-        A file that group or others may read is refused unless
+        A file with any permission bit for group or others is refused unless
         *allow_insecure_permissions* is true: its secrets may already be known.
         """
         p = Path(path)
         with open(p, "rb") as fh:
             mode = os.fstat(fh.fileno()).st_mode
             if mode & (stat.S_IRWXG | stat.S_IRWXO) and not allow_insecure_permissions:
-                raise SignedQueueError(
+                raise KeyringError(
                     f"keyring file {str(p)!r} is accessible to group or others "
                     f"(mode {stat.S_IMODE(mode):04o}); run 'chmod 600 {p}' or pass "
                     "allow_insecure_permissions=True"
@@ -238,7 +243,7 @@ class Keyring:
         """
         text = os.environ.get(name)
         if not text:
-            raise SignedQueueError(
+            raise KeyringError(
                 f"environment variable {name} is not set or empty; set it to a "
                 "keyring document, e.g. the content of a file written by "
                 "Keyring.to_file()"
@@ -336,7 +341,9 @@ class Keyring:
     def key_ids(self) -> tuple[str, ...]:
         """Every key id in the ring, oldest first."""
         st = self._state
-        return tuple(sorted(st.secrets, key=lambda k: (st.created[k], k)))
+        # A stable sort on the time alone: keys made within one tick of a
+        # coarse clock keep the order they were added in (rotate() appends).
+        return tuple(sorted(st.secrets, key=st.created.__getitem__))
 
     def created(self, key_id: str) -> float:
         """The creation time of a key, in Unix seconds."""

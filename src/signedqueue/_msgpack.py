@@ -7,7 +7,8 @@ Decimal, UUID and complex, and user classes only through an explicit
 registry (dataclasses and NamedTuples), whose fields are checked on load.
 
 Every declared length is bounded by the payload size, so a small payload
-cannot make the unpacker allocate a large buffer.
+cannot make the unpacker allocate a large buffer.  Extension values nest
+through recursive (un)packing, so their depth is bounded too.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import decimal
+import functools
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import msgpack
 
-__all__ = ["EXT", "MsgpackCodec", "UnregisteredClass"]
+__all__ = ["EXT", "MAX_EXT_DEPTH", "MsgpackCodec", "UnregisteredClass"]
 
 #: Extension type codes (wire format v1, serializer 0x02).
 EXT = {
@@ -37,6 +39,12 @@ EXT = {
     "complex": 10,
     "registered": 11,
 }
+
+#: How deeply extension values (tuple, set, registered class, ...) may nest.
+#: Each level is one more nested call of msgpack's C unpacker, which takes
+#: about 45 KiB of C stack: without a bound, a frame of a few hundred bytes
+#: overflows the stack and crashes the process.  16 levels fit in 1 MiB.
+MAX_EXT_DEPTH = 16
 
 
 class MsgpackCodec:
@@ -66,23 +74,32 @@ class MsgpackCodec:
 
     # -- packing -----------------------------------------------------------
 
-    def packb(self, obj: Any) -> bytes:
+    def packb(self, obj: Any, _depth: int = 0) -> bytes:
+        if _depth > MAX_EXT_DEPTH:
+            raise ValueError(
+                "msgpack cannot serialize tuples, sets or registered classes "
+                f"nested more than {MAX_EXT_DEPTH} deep"
+            )
         return msgpack.packb(  # type: ignore[no-any-return]
-            obj, default=self._default, use_bin_type=True, strict_types=True, datetime=False
+            obj,
+            default=functools.partial(self._default, _depth),
+            use_bin_type=True,
+            strict_types=True,
+            datetime=False,
         )
 
-    def _pack_inner(self, obj: Any) -> bytes:
-        return self.packb(obj)
+    def _pack_inner(self, obj: Any, depth: int) -> bytes:
+        return self.packb(obj, depth + 1)
 
-    def _default(self, obj: Any) -> msgpack.ExtType:
+    def _default(self, depth: int, obj: Any) -> msgpack.ExtType:
         kind = type(obj)
         ext = msgpack.ExtType
         if kind is tuple:
-            return ext(EXT["tuple"], self._pack_inner(list(obj)))
+            return ext(EXT["tuple"], self._pack_inner(list(obj), depth))
         if kind is set:
-            return ext(EXT["set"], self._pack_inner(list(obj)))
+            return ext(EXT["set"], self._pack_inner(list(obj), depth))
         if kind is frozenset:
-            return ext(EXT["frozenset"], self._pack_inner(list(obj)))
+            return ext(EXT["frozenset"], self._pack_inner(list(obj), depth))
         if kind is datetime.datetime:
             return ext(EXT["datetime"], obj.isoformat().encode())
         if kind is datetime.date:
@@ -92,19 +109,19 @@ class MsgpackCodec:
         if kind is datetime.timedelta:
             return ext(
                 EXT["timedelta"],
-                self._pack_inner([obj.days, obj.seconds, obj.microseconds]),
+                self._pack_inner([obj.days, obj.seconds, obj.microseconds], depth),
             )
         if kind is decimal.Decimal:
             return ext(EXT["decimal"], str(obj).encode())
         if kind is uuid.UUID:
             return ext(EXT["uuid"], obj.bytes)
         if kind is complex:
-            return ext(EXT["complex"], self._pack_inner([obj.real, obj.imag]))
+            return ext(EXT["complex"], self._pack_inner([obj.real, obj.imag], depth))
         fields = self._fields.get(kind)
         if fields is not None:
             name = f"{kind.__module__}.{kind.__qualname__}"
             values = {f: getattr(obj, f) for f in fields}
-            return ext(EXT["registered"], self._pack_inner([name, values]))
+            return ext(EXT["registered"], self._pack_inner([name, values], depth))
         raise TypeError(
             f"msgpack cannot serialize {kind.__module__}.{kind.__qualname__}; "
             "register dataclasses and NamedTuples with msgpack_types=[...], or "
@@ -113,11 +130,14 @@ class MsgpackCodec:
 
     # -- unpacking ---------------------------------------------------------
 
-    def unpackb(self, data: bytes | bytearray | memoryview) -> Any:
+    def unpackb(self, data: bytes | bytearray | memoryview, _depth: int = 0) -> Any:
+        if _depth > MAX_EXT_DEPTH:
+            # The codec reports this as "nested too deeply" (MalformedFrame).
+            raise RecursionError(f"extension values nested more than {MAX_EXT_DEPTH} deep")
         n = len(data)
         return msgpack.unpackb(
             data,
-            ext_hook=self._ext_hook,
+            ext_hook=functools.partial(self._ext_hook, _depth),
             raw=False,
             use_list=True,
             strict_map_key=False,
@@ -129,13 +149,13 @@ class MsgpackCodec:
             max_ext_len=n,
         )
 
-    def _ext_hook(self, code: int, data: bytes) -> Any:
+    def _ext_hook(self, depth: int, code: int, data: bytes) -> Any:
         if code == EXT["tuple"]:
-            return tuple(self._inner(data, list))
+            return tuple(self._inner(data, list, depth))
         if code == EXT["set"]:
-            return set(self._inner(data, list))
+            return set(self._inner(data, list, depth))
         if code == EXT["frozenset"]:
-            return frozenset(self._inner(data, list))
+            return frozenset(self._inner(data, list, depth))
         if code == EXT["datetime"]:
             return datetime.datetime.fromisoformat(data.decode())
         if code == EXT["date"]:
@@ -143,22 +163,22 @@ class MsgpackCodec:
         if code == EXT["time"]:
             return datetime.time.fromisoformat(data.decode())
         if code == EXT["timedelta"]:
-            days, seconds, micros = self._inner(data, list)
+            days, seconds, micros = self._inner(data, list, depth)
             return datetime.timedelta(days=days, seconds=seconds, microseconds=micros)
         if code == EXT["decimal"]:
             return decimal.Decimal(data.decode())
         if code == EXT["uuid"]:
             return uuid.UUID(bytes=data)
         if code == EXT["complex"]:
-            real, imag = self._inner(data, list)
+            real, imag = self._inner(data, list, depth)
             return complex(float(real), float(imag))
         if code == EXT["registered"]:
-            name, values = self._inner(data, list)
+            name, values = self._inner(data, list, depth)
             return self._construct(name, values)
         raise ValueError(f"unknown msgpack extension type {code}")
 
-    def _inner(self, data: bytes, kind: type) -> Any:
-        value = self.unpackb(data)
+    def _inner(self, data: bytes, kind: type, depth: int) -> Any:
+        value = self.unpackb(data, depth + 1)
         if type(value) is not kind:
             raise ValueError("malformed extension value")
         return value

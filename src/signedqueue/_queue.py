@@ -14,6 +14,7 @@ with the locking, ``maxsize``, ``close()`` and ``join_thread()`` semantics of
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import multiprocessing
@@ -205,7 +206,7 @@ class SignedQueue:
         if block and timeout is None:
             with self._rlock:
                 record = _pipe.read_record(self._reader.fileno(), limit)
-            self._sem.release()
+            self._release_slot()
             return record
         deadline = time.monotonic() + timeout if block and timeout is not None else 0.0
         if not self._rlock.acquire(block, timeout):
@@ -217,10 +218,16 @@ class SignedQueue:
             elif not self._poll():
                 raise Empty
             record = _pipe.read_record(self._reader.fileno(), limit)
-            self._sem.release()
+            self._release_slot()
         finally:
             self._rlock.release()
         return record
+
+    def _release_slot(self) -> None:
+        # A record that did not come through put() (written into the pipe by
+        # someone else) holds no slot.  Never lose the record for it.
+        with contextlib.suppress(ValueError):
+            self._sem.release()
 
     def _load(self, record: bytearray | _pipe.Oversized) -> Any:
         # Runs after the read lock is released, like multiprocessing.Queue.
@@ -240,6 +247,9 @@ class SignedQueue:
 
     def _on_rejected(self) -> None:
         """Hook: a frame was refused at get()."""
+
+    def _on_unsent(self) -> None:
+        """Hook (feeder thread): a put frame could not be written."""
 
     # -- size --------------------------------------------------------------
 
@@ -286,6 +296,7 @@ class SignedQueue:
             args=(
                 self._buffer, self._notempty, self._writer.fileno(), self._wlock,
                 self._reader.close, self._writer.close, self._ignore_epipe, self._sem,
+                self._on_unsent,
             ),
             name="SignedQueueFeederThread",
             daemon=True,
@@ -323,6 +334,7 @@ class SignedQueue:
         writer_close: Callable[[], None],
         ignore_epipe: bool,
         queue_sem: Any,
+        on_unsent: Callable[[], None],
     ) -> None:
         popleft = buffer.popleft
         while True:
@@ -348,6 +360,7 @@ class SignedQueue:
                     return
                 # The frame never reached the pipe: free its slot and report.
                 queue_sem.release()
+                on_unsent()
                 logger.error("signedqueue: feeder thread could not write a frame: %r", exc)
 
 
@@ -395,6 +408,10 @@ class SignedJoinableQueue(SignedQueue):
             self._buffer.append(frame)
             self._unfinished_tasks.release()
             self._notempty.notify()
+
+    def _on_unsent(self) -> None:
+        # The item will never arrive, so join() must not wait for it.
+        self._on_rejected()
 
     def _on_rejected(self) -> None:
         # The refused item will never be processed, so it is done.  (A frame

@@ -49,7 +49,7 @@ class Serializer:
 
 
 class UnsupportedProtocol(Exception):
-    """Internal: the frame's pickle protocol is newer than this Python's."""
+    """Internal: the frame's pickle protocol is unsupported or inconsistent."""
 
 
 class _PickleFamily(Serializer):
@@ -68,12 +68,18 @@ class _PickleFamily(Serializer):
         return 0
 
     @staticmethod
-    def check_param(param: int) -> None:
+    def check_param(param: int, payload: memoryview) -> None:
         if param > pickle.HIGHEST_PROTOCOL:
             raise UnsupportedProtocol(
                 f"the frame uses pickle protocol {param}, newer than this Python "
                 f"reads (up to {pickle.HIGHEST_PROTOCOL}); upgrade Python on the "
                 "consumer or set protocol= lower on the producer"
+            )
+        marked = len(payload) >= 2 and payload[0] == 0x80
+        if (param >= 2) != marked or (marked and payload[1] != param):
+            raise UnsupportedProtocol(
+                f"the frame header says pickle protocol {param} but the payload "
+                "does not start with that protocol's marker"
             )
 
 
@@ -89,9 +95,9 @@ class PickleSerializer(_PickleFamily):
         return pickle.dumps(obj, self.protocol, fix_imports=False), self.protocol
 
     def loads(self, payload: memoryview, param: int) -> Any:
-        self.check_param(param)
+        self.check_param(param, payload)
         if self.policy is None:
-            return pickle.loads(payload, fix_imports=False)
+            return pickle.loads(payload)
         return restricted_loads(payload, self.policy)
 
 
@@ -114,7 +120,7 @@ class CloudpickleSerializer(_PickleFamily):
         return self._dumps(obj, protocol=self.protocol), self.protocol
 
     def loads(self, payload: memoryview, param: int) -> Any:
-        self.check_param(param)
+        self.check_param(param, payload)
         return pickle.loads(payload)
 
 

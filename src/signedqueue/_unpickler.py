@@ -11,7 +11,9 @@ guarded constructor materializes is therefore paid for by a byte of payload.
 
 from __future__ import annotations
 
+import _compat_pickle
 import collections
+import contextlib
 import copyreg
 import decimal
 import fractions
@@ -22,7 +24,7 @@ from typing import Any
 
 from ._allowlist import Policy
 
-__all__ = ["BudgetExceeded", "GuardRefused", "restricted_loads"]
+__all__ = ["BudgetExceeded", "GlobalModified", "GuardRefused", "restricted_loads"]
 
 #: Bytes of budget every load gets on top of the payload size.
 BUDGET_SLACK = 4096
@@ -223,11 +225,21 @@ class Guard:
     """
 
     __slots__ = ("__wrapped__", "_budget", "_check")
+    __wrapped__: Any
+    _budget: _Budget
+    _check: Any
 
     def __init__(self, wrapped: Any, check: Any, budget: _Budget) -> None:
-        self.__wrapped__ = wrapped
-        self._check = check
-        self._budget = budget
+        object.__setattr__(self, "__wrapped__", wrapped)
+        object.__setattr__(self, "_check", check)
+        object.__setattr__(self, "_budget", budget)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        # A pickle's BUILD opcode must not swap the check or the budget.
+        raise AttributeError("guards are immutable")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("guards are immutable")
 
     def __call__(self, *args: Any, **kw: Any) -> Any:
         return self._check(self.__wrapped__, self._budget, args, kw)
@@ -235,16 +247,97 @@ class Guard:
     def __repr__(self) -> str:
         return f"<guarded {self.__wrapped__!r}>"
 
+    # A pickle may carry the type itself as a value ({"factory": int}); it then
+    # loads as this guard, which at least compares equal to the type.
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Guard):
+            other = other.__wrapped__
+        return bool(self.__wrapped__ == other)
+
+    def __hash__(self) -> int:
+        return hash(self.__wrapped__)
+
+
+class GlobalModified(Exception):
+    """Internal: a pickle changed a class or function it named (BUILD)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+
+def _snapshot(obj: Any) -> tuple[Any, ...] | None:
+    """
+    What a pickle's BUILD opcode could change on an admitted global: a
+    class's attributes, bases and metaclass; a function's attributes and
+    defaults.  ``None`` for objects BUILD cannot change (C types refuse
+    attribute assignment).
+    """
+    if isinstance(obj, type):
+        return (type(obj), obj.__bases__, dict(obj.__dict__))
+    attrs = getattr(obj, "__dict__", None)
+    if isinstance(attrs, dict):
+        return (
+            dict(attrs),
+            getattr(obj, "__defaults__", None),
+            getattr(obj, "__kwdefaults__", None),
+        )
+    return None
+
+
+def _restore(obj: Any, snap: tuple[Any, ...]) -> None:
+    """Undo what a refused pickle changed on *obj* (best effort)."""
+    if isinstance(obj, type):
+        _, _, attrs = snap
+        for key in set(obj.__dict__) - set(attrs):
+            with contextlib.suppress(AttributeError, TypeError):
+                delattr(obj, key)
+        for key, value in attrs.items():
+            if obj.__dict__.get(key, _MISSING) is not value:
+                with contextlib.suppress(AttributeError, TypeError):
+                    setattr(obj, key, value)
+        return
+    attrs, defaults, kwdefaults = snap
+    obj.__dict__.clear()
+    obj.__dict__.update(attrs)
+    with contextlib.suppress(AttributeError, TypeError):
+        obj.__defaults__ = defaults
+        obj.__kwdefaults__ = kwdefaults
+
+
+_MISSING = object()
+
+
+def _changed(obj: Any, snap: tuple[Any, ...]) -> bool:
+    now = _snapshot(obj)
+    if now is None or len(now) != len(snap):
+        return True
+    return any(
+        a is not b and (type(a) is not dict or a.keys() != b.keys()
+                        or any(a[k] is not b[k] for k in a))
+        for a, b in zip(now, snap, strict=True)
+    )
+
 
 class RestrictedUnpickler(pickle.Unpickler):
-    """An unpickler whose ``find_class`` asks the policy."""
+    """
+    An unpickler whose ``find_class`` asks the policy, and which refuses a
+    pickle that changes a class or function it named.
+    """
 
     def __init__(self, file: io.BytesIO, policy: Policy, budget: int) -> None:
         super().__init__(file, fix_imports=False)
         self._policy = policy
         self._budget = _Budget(budget)
+        self._named: list[tuple[str, Any, tuple[Any, ...]]] = []
 
     def find_class(self, module: str, name: str) -> Any:
+        # Python 2 names, as protocols 0-2 write them by default
+        # (``__builtin__.set``), mean their Python 3 counterparts.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         obj = self._policy.resolve(module, name)
         try:
             check = _CHECKS.get(obj)
@@ -252,7 +345,17 @@ class RestrictedUnpickler(pickle.Unpickler):
             check = None
         if check is not None:
             return Guard(obj, check, self._budget)
+        snap = _snapshot(obj)
+        if snap is not None:
+            self._named.append((f"{module}.{name}", obj, snap))
         return obj
+
+    def check_unchanged(self) -> None:
+        """Raise GlobalModified (after undoing it) if a named global changed."""
+        for shown, obj, snap in self._named:
+            if _changed(obj, snap):
+                _restore(obj, snap)
+                raise GlobalModified(shown)
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("persistent ids are not supported")
@@ -268,7 +371,12 @@ def restricted_loads(payload: bytes | bytearray | memoryview, policy: Policy) ->
     """
     size = len(payload)
     file = io.BytesIO(payload)
-    obj = RestrictedUnpickler(file, policy, size + BUDGET_SLACK).load()
+    unpickler = RestrictedUnpickler(file, policy, size + BUDGET_SLACK)
+    try:
+        obj = unpickler.load()
+    finally:
+        if unpickler._named:
+            unpickler.check_unchanged()
     # One pickle per payload: a trailing byte is refused, as in the frame.
     # (The C unpickler reads from a BytesIO exactly as far as STOP.)
     if file.tell() != size:

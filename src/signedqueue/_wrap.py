@@ -48,18 +48,25 @@ class WrappedQueue:
 
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         """Sign *obj* (errors raise here) and put the frame."""
-        self.queue.put(self.codec.dumps(obj), block, timeout)
+        self._put(self.codec.dumps(obj), block, timeout)
+
+    def _put(self, frame: bytes, block: bool, timeout: float | None) -> None:
+        # Queues without block/timeout (SimpleQueue) get the plain call.
+        if block and timeout is None:
+            self.queue.put(frame)
+        else:
+            self.queue.put(frame, block, timeout)
 
     def put_nowait(self, obj: Any) -> None:
         self.put(obj, False)
 
     def put_frame(self, frame: Buffer, block: bool = True, timeout: float | None = None) -> None:
         """Put an already sealed frame as it is; it is verified at ``get()``."""
-        self.queue.put(bytes(frame), block, timeout)
+        self._put(bytes(frame), block, timeout)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         """Get the next frame, verify it, and return the object it carries."""
-        item = self.queue.get(block, timeout)
+        item = self.queue.get() if block and timeout is None else self.queue.get(block, timeout)
         if not isinstance(item, (bytes, bytearray, memoryview)):
             exc = MalformedFrame(
                 f"the queue delivered a {type(item).__name__}, not a frame; "
@@ -105,9 +112,9 @@ def wrap(queue: Any, keyring: Keyring, **codec_options: Any) -> WrappedQueue:
     :class:`UnprotectedTransportWarning`: its ``get()`` unpickles the pipe
     before any check.  Use :class:`SignedQueue` instead.
     """
-    if isinstance(queue, multiprocessing.queues.Queue):
+    if isinstance(queue, (multiprocessing.queues.Queue, multiprocessing.queues.SimpleQueue)):
         warnings.warn(
-            "wrap() cannot protect a multiprocessing.Queue: its get() unpickles "
+            f"wrap() cannot protect a multiprocessing {type(queue).__name__}: its get() unpickles "
             "whatever is in its pipe before signedqueue sees it. Use "
             "signedqueue.SignedQueue (or SignedJoinableQueue) instead.",
             UnprotectedTransportWarning,

@@ -4,6 +4,8 @@ Exceptions raised by signedqueue.
 The tree::
 
     SignedQueueError            base class; never raised directly
+    ├── KeyringError            a keyring document or variable is invalid,
+    │                           unset, or in a file others can read
     └── RejectedFrame           an incoming frame was refused (.frame, .reason)
         ├── FrameTooLarge       larger than max_frame_size; nothing was hashed
         ├── MalformedFrame      not a well-formed v1 frame, or a payload the
@@ -11,9 +13,10 @@ The tree::
         ├── UnknownKey          signed with a key id the keyring does not hold
         ├── InvalidSignature    the tag does not match: tampered or wrong key
         ├── ExpiredFrame        older than max_age, or dated in the future
-        ├── ReplayedFrame       a frame already seen (replay protection on)
-        └── ForbiddenClass      a verified pickle names a global the policy
-                                refuses
+        ├── ReplayedFrame       reserved: a frame already seen (replay
+        │                       protection; nothing raises it yet)
+        └── ForbiddenClass      a verified payload names a global or class
+                                the policy refuses, or changes one it named
 
 Every ``RejectedFrame`` carries the raw frame as ``.frame`` and a short reason
 as ``.reason``.  Neither ``str()`` nor ``repr()`` of an exception ever contains
@@ -29,6 +32,7 @@ __all__ = [
     "ForbiddenClass",
     "FrameTooLarge",
     "InvalidSignature",
+    "KeyringError",
     "MalformedFrame",
     "RejectedFrame",
     "ReplayedFrame",
@@ -40,6 +44,15 @@ __all__ = [
 class SignedQueueError(Exception):
     """
     Superclass of every signedqueue exception.  Never raised directly.
+    """
+
+
+class KeyringError(SignedQueueError):
+    """
+    A keyring could not be loaded: the document is not a valid keyring
+    document, the environment variable is unset or empty, or the file grants
+    permissions to group or others.  (A file that cannot be opened raises the
+    usual ``OSError``.)
     """
 
 
@@ -165,14 +178,18 @@ class ExpiredFrame(RejectedFrame):
 class ReplayedFrame(RejectedFrame):
     """
     A frame with this nonce was already accepted within the replay window.
-    Only raised when replay protection is enabled.
+
+    Reserved for replay protection, which this version does not offer yet:
+    nothing raises it today.  It is part of the tree so that handlers written
+    now (``except RejectedFrame``) already cover it.
     """
 
 
 class ForbiddenClass(RejectedFrame):
     """
-    A verified pickle payload names one or more globals that the allowlist
-    refuses.  Nothing from the payload was called.
+    A verified payload names a global (pickle) or class (msgpack) that the
+    policy refuses, or tried to change a class or function it named.  Nothing
+    refused was called.
 
     Attributes:
         names: Every refused global as ``"module.qualname"``.
