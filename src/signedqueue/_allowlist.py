@@ -345,10 +345,14 @@ class Policy:
             raise Refusal(
                 shown,
                 f"is not defined in {module} (wildcards admit only what a module "
-                "defines, not what it imports)",
-                entry_for(real_module, real_name)
-                if isinstance(real_module, str) and isinstance(real_name, str)
-                else None,
+                "defines, not what it imports)"
+                + (
+                    f"; it is {entry_for(real_module, real_name)}, which producers "
+                    "normally name"
+                    if isinstance(real_module, str) and isinstance(real_name, str)
+                    else ""
+                ),
+                shown,
             )
         if "." in name and (
             not isinstance(obj, type) or real_module != module or real_name != name

@@ -368,7 +368,11 @@ class Codec:
             ) from None
 
     def _refused(self, exc: RejectedFrame, frame: Buffer) -> RejectedFrame:
-        exc.frame = raw = bytes(frame)
+        view = memoryview(frame).cast("B")
+        # A frame refused for its size is not copied whole: keep its start.
+        if isinstance(exc, FrameTooLarge):
+            view = view[: _frame.KEPT_OF_OVERSIZED]
+        exc.frame = raw = bytes(view)
         if exc.key_id is None:
             exc.key_id = _frame.peek_key_id(raw)
         logger.warning(
@@ -376,7 +380,7 @@ class Codec:
             type(exc).__name__,
             exc.reason,
             exc.key_id,
-            len(raw),
+            exc.size if isinstance(exc, FrameTooLarge) else len(raw),
         )
         return exc
 

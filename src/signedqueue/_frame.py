@@ -51,6 +51,9 @@ _LEAD = struct.Struct(">2sBBBBB")  # magic, version, alg, serializer, param, L
 _MID = struct.Struct(">Q16sQ")  # created, nonce, payload length
 LEAD_SIZE = _LEAD.size  # 7
 MID_SIZE = _MID.size  # 32
+#: How many leading bytes of a frame refused for its size are kept in
+#: ``FrameTooLarge.frame`` (the rest is never copied).
+KEPT_OF_OVERSIZED = 4096
 #: The smallest possible frame: a 1-byte key id and an empty payload.
 MIN_FRAME_SIZE = LEAD_SIZE + 1 + MID_SIZE + TAG_SIZE  # 72
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import msgpack
 
+from ._allowlist import MAX_NAME_LENGTH
+
 __all__ = ["EXT", "MAX_EXT_DEPTH", "MsgpackCodec", "UnregisteredClass"]
 
 #: Extension type codes (wire format v1, serializer 0x02).
@@ -171,7 +173,9 @@ class MsgpackCodec:
             return uuid.UUID(bytes=data)
         if code == EXT["complex"]:
             real, imag = self._inner(data, list, depth)
-            return complex(float(real), float(imag))
+            if type(real) is not float or type(imag) is not float:
+                raise ValueError("complex parts must be floats")
+            return complex(real, imag)
         if code == EXT["registered"]:
             name, values = self._inner(data, list, depth)
             return self._construct(name, values)
@@ -188,7 +192,8 @@ class MsgpackCodec:
             raise ValueError("malformed registered-class value")
         cls = self._by_name.get(name)
         if cls is None:
-            raise UnregisteredClass(name)
+            # The name ends up in the refusal and the log: never echo a long one.
+            raise UnregisteredClass(name if len(name) <= MAX_NAME_LENGTH else repr(name)[:80])
         fields = self._fields[cls]
         if set(values) != set(fields):
             raise ValueError(f"fields of {name!r} do not match its registration")

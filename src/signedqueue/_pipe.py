@@ -16,15 +16,14 @@ import os
 import struct
 import sys
 
+from ._frame import KEPT_OF_OVERSIZED
+
 __all__ = ["RECORD_HEADER", "Oversized", "enlarge_pipe", "read_record", "write_record"]
 
 RECORD_HEADER = struct.Struct(">Q")
 #: Pipe buffer size requested on Linux (the unprivileged maximum by default).
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031  # Linux fcntl
-#: How much of an oversized record is kept for the exception; the rest is
-#: read and discarded in chunks of this size.
-_KEEP = 4096
 
 
 class Oversized:
@@ -81,7 +80,7 @@ def read_record(fd: int, limit: int) -> bytearray | Oversized:
     _read_into(fd, memoryview(head)[first:])
     (size,) = RECORD_HEADER.unpack(head)
     if size > limit:
-        keep = bytearray(min(size, _KEEP))
+        keep = bytearray(min(size, KEPT_OF_OVERSIZED))
         _read_into(fd, memoryview(keep))
         left = size - len(keep)
         chunk = bytearray(min(left, 1 << 16))

@@ -5,20 +5,23 @@ Some admitted constructors would let a small pickle build a huge object (a
 copying constructor called many times on one shared list, ``bytes(10**12)``,
 ``Fraction("1e999999999")``).  Those are handed to the unpickler as *guards*:
 checked wrappers that refuse dangerous argument forms and charge the size of
-what they copy against a budget equal to the payload size.  Every byte a
-guarded constructor materializes is therefore paid for by a byte of payload.
+what they copy against a budget of twice the payload size.  Every two bytes a
+guarded constructor materializes are therefore paid for by a byte of payload.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
+import codecs
 import collections
 import contextlib
 import copyreg
 import decimal
+import enum
 import fractions
 import io
 import pickle
+import pickletools
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +31,19 @@ __all__ = ["BudgetExceeded", "GlobalModified", "GuardRefused", "restricted_loads
 
 #: Bytes of budget every load gets on top of the payload size.
 BUDGET_SLACK = 4096
+#: The budget is this many times the payload size (plus the slack): protocols
+#: 0 to 2 write a bytearray as bytearray(_codecs.encode(text, "latin1")),
+#: which materializes each of its bytes twice.
+BUDGET_FACTOR = 2
+#: Codecs bytes(), bytearray() and str() may encode or decode with: linear
+#: time only ("punycode" takes quadratic time, so a 60 kB payload would keep
+#: the consumer busy for a minute).  Names as codecs.lookup() gives them.
+LINEAR_CODECS = frozenset(
+    {
+        "ascii", "iso8859-1", "utf-8", "utf-16", "utf-16-le", "utf-16-be",
+        "utf-32", "utf-32-le", "utf-32-be",
+    }
+)
 #: Largest integer (in bits) a Fraction guard accepts: about 15,000 digits.
 MAX_FRACTION_BITS = 50_000
 
@@ -71,6 +87,15 @@ def _copying(fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any]
     return fn(*args, **kw)
 
 
+def _linear_codec(encoding: object, what: str) -> None:
+    try:
+        name = codecs.lookup(encoding).name  # type: ignore[arg-type]
+    except (LookupError, TypeError, ValueError):
+        name = None
+    if name not in LINEAR_CODECS:
+        raise GuardRefused(f"{what} admits only the codecs {', '.join(sorted(LINEAR_CODECS))}")
+
+
 def _binary(fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
     # bytes, bytearray: never an integer size (bytes(10**12)).
     if kw or len(args) > 3:
@@ -80,6 +105,7 @@ def _binary(fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any])
         if isinstance(first, str):
             if len(args) < 2:
                 raise GuardRefused(f"{fn.__name__}(str) needs an encoding")
+            _linear_codec(args[1], fn.__name__)
         elif isinstance(first, (*_BYTES_LIKE, list, tuple)):
             if len(args) > 1:
                 raise GuardRefused(f"{fn.__name__}(bytes) takes no encoding")
@@ -99,6 +125,8 @@ def _text(fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any]) -
             raise GuardRefused("str(x) is admitted only for strings and bytes with an encoding")
         if len(args) > 1 and not isinstance(first, _BYTES_LIKE):
             raise GuardRefused("str(x, encoding) takes bytes")
+        if len(args) > 1:
+            _linear_codec(args[1], "str")
         _sized(budget, first, "str")
     return fn(*args)
 
@@ -266,12 +294,12 @@ class GlobalModified(Exception):
         self.name = name
 
 
-def _snapshot(obj: Any) -> tuple[Any, ...] | None:
+def _state(obj: Any) -> tuple[Any, ...] | None:
     """
-    What a pickle's BUILD opcode could change on an admitted global: a
-    class's attributes, bases and metaclass; a function's attributes and
-    defaults.  ``None`` for objects BUILD cannot change (C types refuse
-    attribute assignment).
+    What a pickle's BUILD opcode could change on *obj*: a class's attributes,
+    bases and metaclass; another object's ``__dict__`` and, for a function,
+    its defaults.  ``None`` for objects BUILD cannot change (C types and
+    instances without ``__dict__`` refuse attribute assignment).
     """
     if isinstance(obj, type):
         return (type(obj), obj.__bases__, dict(obj.__dict__))
@@ -285,10 +313,40 @@ def _snapshot(obj: Any) -> tuple[Any, ...] | None:
     return None
 
 
+def _snapshot(obj: Any) -> list[tuple[Any, tuple[Any, ...]]]:
+    """
+    The state of an admitted global and of the shared objects calling it can
+    return: an enum's members are singletons, so ``SafeUUID(0)`` followed by
+    BUILD would change ``SafeUUID.safe`` for the whole process.
+    """
+    targets = [obj]
+    if isinstance(obj, enum.EnumMeta):
+        targets.extend(obj.__members__.values())
+    snaps = []
+    for target in targets:
+        state = _state(target)
+        if state is not None:
+            snaps.append((target, state))
+    return snaps
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if type(a) is not dict or type(b) is not dict or a.keys() != b.keys():
+        return False
+    return all(a[k] is b[k] for k in a)
+
+
+def _changed(obj: Any, snap: tuple[Any, ...]) -> bool:
+    now = _state(obj)
+    return now is None or len(now) != len(snap) or not all(map(_same, now, snap))
+
+
 def _restore(obj: Any, snap: tuple[Any, ...]) -> None:
     """Undo what a refused pickle changed on *obj* (best effort)."""
     if isinstance(obj, type):
-        _, _, attrs = snap
+        attrs = snap[2]
         for key in set(obj.__dict__) - set(attrs):
             with contextlib.suppress(AttributeError, TypeError):
                 delattr(obj, key)
@@ -300,23 +358,13 @@ def _restore(obj: Any, snap: tuple[Any, ...]) -> None:
     attrs, defaults, kwdefaults = snap
     obj.__dict__.clear()
     obj.__dict__.update(attrs)
-    with contextlib.suppress(AttributeError, TypeError):
-        obj.__defaults__ = defaults
-        obj.__kwdefaults__ = kwdefaults
+    if hasattr(obj, "__defaults__"):
+        with contextlib.suppress(AttributeError, TypeError):
+            obj.__defaults__ = defaults
+            obj.__kwdefaults__ = kwdefaults
 
 
 _MISSING = object()
-
-
-def _changed(obj: Any, snap: tuple[Any, ...]) -> bool:
-    now = _snapshot(obj)
-    if now is None or len(now) != len(snap):
-        return True
-    return any(
-        a is not b and (type(a) is not dict or a.keys() != b.keys()
-                        or any(a[k] is not b[k] for k in a))
-        for a, b in zip(now, snap, strict=True)
-    )
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -345,20 +393,46 @@ class RestrictedUnpickler(pickle.Unpickler):
             check = None
         if check is not None:
             return Guard(obj, check, self._budget)
-        snap = _snapshot(obj)
-        if snap is not None:
-            self._named.append((f"{module}.{name}", obj, snap))
+        shown = f"{module}.{name}"
+        for target, state in _snapshot(obj):
+            self._named.append((shown, target, state))
         return obj
 
     def check_unchanged(self) -> None:
         """Raise GlobalModified (after undoing it) if a named global changed."""
+        first = None
         for shown, obj, snap in self._named:
             if _changed(obj, snap):
                 _restore(obj, snap)
-                raise GlobalModified(shown)
+                first = first or shown
+        if first is not None:
+            raise GlobalModified(first)
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("persistent ids are not supported")
+
+
+def _extension_codes(payload: bytes | bytearray | memoryview, policy: Policy) -> list[int]:
+    """
+    The C unpickler answers EXT1/EXT2/EXT4 from ``copyreg._extension_cache``
+    without calling ``find_class``, so an object cached by any earlier load
+    in the process (unrestricted, or under another policy) would bypass this
+    one.  Only when extension codes are registered at all: check each code
+    the payload uses against *policy*, and drop it from the cache so that
+    ``find_class`` is asked.  Returns the codes used.
+    """
+    if not (copyreg._extension_cache or copyreg._inverted_registry):  # type: ignore[attr-defined]
+        return []
+    codes = [
+        arg for op, arg, _ in pickletools.genops(io.BytesIO(payload))
+        if op.name in ("EXT1", "EXT2", "EXT4") and isinstance(arg, int)
+    ]
+    for code in codes:
+        pair = copyreg._inverted_registry.get(code)  # type: ignore[attr-defined]
+        if pair is not None:
+            policy.resolve(*pair)  # raises Refusal
+        copyreg._extension_cache.pop(code, None)  # type: ignore[attr-defined]
+    return codes
 
 
 def restricted_loads(payload: bytes | bytearray | memoryview, policy: Policy) -> Any:
@@ -371,10 +445,13 @@ def restricted_loads(payload: bytes | bytearray | memoryview, policy: Policy) ->
     """
     size = len(payload)
     file = io.BytesIO(payload)
-    unpickler = RestrictedUnpickler(file, policy, size + BUDGET_SLACK)
+    codes = _extension_codes(payload, policy)
+    unpickler = RestrictedUnpickler(file, policy, BUDGET_FACTOR * size + BUDGET_SLACK)
     try:
         obj = unpickler.load()
     finally:
+        for code in codes:  # leave no guard or admitted object in the shared cache
+            copyreg._extension_cache.pop(code, None)  # type: ignore[attr-defined]
         if unpickler._named:
             unpickler.check_unchanged()
     # One pickle per payload: a trailing byte is refused, as in the frame.

@@ -16,13 +16,14 @@ What it protects depends on the queue underneath:
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing.queues
 import warnings
 from typing import Any
 
 from ._codec import Buffer, Codec
 from ._keys import Keyring
-from .exceptions import MalformedFrame
+from .exceptions import MalformedFrame, RejectedFrame
 
 __all__ = ["UnprotectedTransportWarning", "WrappedQueue", "wrap"]
 
@@ -65,15 +66,50 @@ class WrappedQueue:
         self._put(bytes(frame), block, timeout)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        """Get the next frame, verify it, and return the object it carries."""
+        """
+        Get the next frame, verify it, and return the object it carries.
+
+        A refused frame raises :class:`RejectedFrame`; if the wrapped queue
+        counts tasks, the refused item is already marked done.
+        """
+        frame = self._get_frame(block, timeout)
+        try:
+            return self.codec.loads(frame)
+        except RejectedFrame:
+            self._refused_item_done()
+            raise
+
+    def get_frame(self, block: bool = True, timeout: float | None = None) -> bytes:
+        """
+        Get the next frame verified but not deserialized, e.g. to relay it
+        with ``put_frame``.
+        """
+        frame = self._get_frame(block, timeout)
+        try:
+            self.codec.unseal(frame)
+        except RejectedFrame:
+            self._refused_item_done()
+            raise
+        return bytes(frame)
+
+    def _get_frame(self, block: bool, timeout: float | None) -> Buffer:
         item = self.queue.get() if block and timeout is None else self.queue.get(block, timeout)
         if not isinstance(item, (bytes, bytearray, memoryview)):
+            self._refused_item_done()
             exc = MalformedFrame(
                 f"the queue delivered a {type(item).__name__}, not a frame; "
                 "something put an unsigned object into it"
             )
             raise self.codec._refused(exc, b"")
-        return self.codec.loads(item)
+        return item
+
+    def _refused_item_done(self) -> None:
+        # Everything in the wrapped queue went through its put(), so it was
+        # counted; a refused item will never be processed.
+        task_done = getattr(self.queue, "task_done", None)
+        if task_done is not None:
+            with contextlib.suppress(ValueError):
+                task_done()
 
     def get_nowait(self) -> Any:
         return self.get(False)

@@ -62,8 +62,8 @@ class RejectedFrame(SignedQueueError):
 
     Attributes:
         frame: The raw frame as received (``bytes``).  It is never part of the
-            message.  For :class:`FrameTooLarge` raised by a transport that
-            refused to read the whole frame, it holds only the first bytes.
+            message.  For :class:`FrameTooLarge` it holds only the first 4096
+            bytes: an oversized frame is never copied whole.
         reason: A short, fixed-vocabulary description of the refusal, safe to
             log.
         key_id: The key id named by the frame header, when it could be

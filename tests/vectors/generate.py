@@ -1,0 +1,625 @@
+#!/usr/bin/env python3
+"""
+Reference implementation of signedqueue wire format v1, and the generator of
+the test vectors beside it (frames_valid.json, frames_invalid.json).
+
+This file is written from the format specification alone and deliberately
+does not import signedqueue: the library is checked against these vectors,
+never the other way round.  It uses only struct, hmac, hashlib and the HKDF of
+the cryptography package.  Everything is fixed (secrets, nonces, creation
+times, the consumer's clock), so the output is byte-for-byte reproducible.
+
+Usage::
+
+    python tests/vectors/generate.py           # rewrite the JSON files
+    python tests/vectors/generate.py --check   # exit 1 if they are stale
+
+The format, in brief::
+
+    magic b"SQ" | version 0x01 | MAC alg 0x01 | serializer id | serializer param
+    | key id length L (1..64) | key id (L bytes of [A-Za-z0-9._-])
+    | created (uint64 BE, ms since the epoch) | nonce (16)
+    | payload length N (uint64 BE) | payload (N) | tag (32)
+
+    tag = HMAC-SHA256(K, every byte before the tag || context)
+    K   = HKDF-SHA256(secret, salt=None, info=INFO, length=32)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import hmac
+import json
+import pickle
+import re
+import struct
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+# -- the specification ------------------------------------------------------
+
+MAGIC = b"SQ"
+VERSION = 0x01
+ALG_HMAC_SHA256 = 0x01
+SERIALIZERS = {"pickle": 0x01, "msgpack": 0x02, "cloudpickle": 0x03}
+PICKLE_FAMILY = (0x01, 0x03)
+INFO = b"signedqueue v1 frame-mac hmac-sha256"
+NONCE_SIZE = 16
+TAG_SIZE = 32
+MAX_KEY_ID = 64
+KEY_ID_RE = re.compile(rb"[A-Za-z0-9._-]+\Z")
+DEFAULT_CLOCK_SKEW = 60.0
+DEFAULT_MAX_FRAME_SIZE = 128 * 1024 * 1024
+
+
+def mac_key(secret: bytes) -> bytes:
+    """The frame MAC key: HKDF-SHA256 over the stored secret."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=INFO).derive(secret)
+
+
+def compute_tag(secret: bytes, signed: bytes, context: bytes) -> bytes:
+    """HMAC-SHA256 under the derived key over the signed bytes, then the context."""
+    return hmac.new(mac_key(secret), signed + context, hashlib.sha256).digest()
+
+
+class Refused(Exception):
+    """The reference refuses a frame; ``.error`` names the library's exception."""
+
+    def __init__(self, error: str, why: str) -> None:
+        super().__init__(f"{error}: {why}")
+        self.error = error
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """The fields of a strictly parsed, not yet verified frame."""
+
+    serializer: int
+    param: int
+    key_id: str
+    created_ms: int
+    nonce: bytes
+    payload: bytes
+    signed: bytes  # every byte before the tag
+    tag: bytes
+
+
+def parse(frame: bytes) -> Parsed:
+    """Parse exactly one v1 frame, or raise Refused("MalformedFrame", ...)."""
+
+    def bad(why: str) -> Refused:
+        return Refused("MalformedFrame", why)
+
+    if len(frame) < 7:
+        raise bad("shorter than the fixed lead")
+    if frame[0:2] != MAGIC:
+        raise bad("magic")
+    version, alg, serializer, param, kid_len = frame[2], frame[3], frame[4], frame[5], frame[6]
+    if version != VERSION:
+        raise bad("version")
+    if alg != ALG_HMAC_SHA256:
+        raise bad("MAC algorithm")
+    if serializer not in SERIALIZERS.values():
+        raise bad("serializer id")
+    if serializer not in PICKLE_FAMILY and param != 0:
+        raise bad("serializer param must be 0 for msgpack")
+    if not 1 <= kid_len <= MAX_KEY_ID:
+        raise bad("key id length")
+    pos = 7
+    key_id = frame[pos : pos + kid_len]
+    pos += kid_len
+    if len(frame) < pos + 8 + NONCE_SIZE + 8 + TAG_SIZE:
+        raise bad("shorter than its header and tag")
+    if not KEY_ID_RE.match(key_id):
+        raise bad("key id characters")
+    (created_ms,) = struct.unpack(">Q", frame[pos : pos + 8])
+    pos += 8
+    nonce = frame[pos : pos + NONCE_SIZE]
+    pos += NONCE_SIZE
+    (length,) = struct.unpack(">Q", frame[pos : pos + 8])
+    pos += 8
+    if pos + length + TAG_SIZE != len(frame):
+        raise bad("payload length does not account for every byte up to the tag")
+    end = pos + length
+    return Parsed(
+        serializer=serializer,
+        param=param,
+        key_id=key_id.decode("ascii"),
+        created_ms=created_ms,
+        nonce=nonce,
+        payload=frame[pos:end],
+        signed=frame[:end],
+        tag=frame[end:],
+    )
+
+
+def open_frame(
+    frame: bytes,
+    *,
+    keys: dict[str, bytes],
+    context: bytes,
+    serializer: str,
+    max_age: float | None,
+    max_frame_size: int,
+    now: float,
+    clock_skew: float = DEFAULT_CLOCK_SKEW,
+) -> Parsed:
+    """
+    Every check before deserialization, in the order the specification fixes:
+    size, parse, key lookup, tag, age (future, then max_age), serializer.
+    """
+    if len(frame) > max_frame_size:
+        raise Refused("FrameTooLarge", "over max_frame_size")
+    parsed = parse(frame)
+    secret = keys.get(parsed.key_id)
+    if secret is None:
+        raise Refused("UnknownKey", parsed.key_id)
+    if not hmac.compare_digest(compute_tag(secret, parsed.signed, context), parsed.tag):
+        raise Refused("InvalidSignature", "tag")
+    age_ms = now * 1000.0 - parsed.created_ms
+    if age_ms < -clock_skew * 1000.0:
+        raise Refused("ExpiredFrame", "dated beyond the clock skew")
+    if max_age is not None and age_ms > max_age * 1000.0:
+        raise Refused("ExpiredFrame", "older than max_age")
+    if parsed.serializer != SERIALIZERS[serializer]:
+        raise Refused("MalformedFrame", "made by another serializer")
+    return parsed
+
+
+# -- building frames, correct and otherwise ----------------------------------
+
+
+def _secret(name: str) -> bytes:
+    return hashlib.sha256(b"signedqueue test vector secret " + name.encode()).digest()
+
+
+ALPHA = _secret("alpha")
+BETA = _secret("beta")
+GAMMA = _secret("gamma")
+LONG_ID = "Key.id_with-64-characters.ABCDEFGHIJKLMNOPQRSTUVWXYZ_0123456789."
+assert len(LONG_ID) == MAX_KEY_ID
+RING = {"alpha": ALPHA, "beta": BETA}
+#: The consumer's clock in every vector, in Unix seconds (exact in binary).
+NOW = 1_700_000_000.25
+NOW_MS = 1_700_000_000_250
+
+
+@dataclass(frozen=True)
+class Spec:
+    """Every field of a frame, with knobs to get each one wrong on purpose."""
+
+    payload: bytes
+    serializer: int = SERIALIZERS["pickle"]
+    param: int | None = None  # None: what a producer would write
+    key_id: bytes = b"alpha"
+    secret: bytes = ALPHA
+    created_ms: int = NOW_MS
+    nonce: bytes | None = None  # None: derived from the vector's id
+    context: bytes = b""
+    magic: bytes = MAGIC
+    version: int = VERSION
+    alg: int = ALG_HMAC_SHA256
+    key_id_len: int | None = None  # None: len(key_id)
+    length: int | None = None  # None: len(payload)
+    signed_extra: bytes = b""  # bytes after the payload, covered by the tag
+    raw_secret_mac: bool = False  # MAC with the stored secret, not the HKDF key
+
+    def build(self) -> bytes:
+        param = self.param
+        if param is None:
+            is_pickle = self.serializer in PICKLE_FAMILY
+            param = self.payload[1] if is_pickle and self.payload[:1] == b"\x80" else 0
+        kid_len = len(self.key_id) if self.key_id_len is None else self.key_id_len
+        length = len(self.payload) if self.length is None else self.length
+        signed = (
+            self.magic
+            + bytes([self.version, self.alg, self.serializer, param, kid_len])
+            + self.key_id
+            + struct.pack(">Q", self.created_ms)
+            + (bytes(NONCE_SIZE) if self.nonce is None else self.nonce)
+            + struct.pack(">Q", length)
+            + self.payload
+            + self.signed_extra
+        )
+        if self.raw_secret_mac:
+            tag = hmac.new(self.secret, signed + self.context, hashlib.sha256).digest()
+        else:
+            tag = compute_tag(self.secret, signed, self.context)
+        return signed + tag
+
+
+# Payloads.  Pickles come from the standard library's pickle (their bytes are
+# stable across Python 3.10 to 3.13); msgpack is written out by hand.
+P5_DICT_OBJ = {"id": 7, "tags": ["a", "b"], "ok": True, "none": None}
+P5_DICT = pickle.dumps(P5_DICT_OBJ, protocol=5)
+P0_LIST = pickle.dumps([1, "two", 3.5], protocol=0)
+P1_LIST = pickle.dumps([1], protocol=1)
+P2_TUPLE = pickle.dumps((1, 2), protocol=2)
+P4_BYTES = pickle.dumps(b"\x00\x01", protocol=4)
+P5_LIST = pickle.dumps([1, 2, 3], protocol=5)
+# {"a": [1, 2, 3], "b": None}
+MP_MAP = bytes.fromhex("82a16193010203a162c0")
+# ext 1 (tuple) holding the msgpack array [1, 2]
+MP_TUPLE = bytes.fromhex("c70301920102")
+# Refused globals, built by hand and never loaded here.  Protocol 0:
+# GLOBAL os.system, MARK, STRING, TUPLE, REDUCE, STOP.
+PICKLE_OS_SYSTEM = b"cos\nsystem\n(S'echo signedqueue'\ntR."
+# Protocol 4: SHORT_BINUNICODE x2, STACK_GLOBAL builtins.eval, REDUCE.
+PICKLE_EVAL = b"\x80\x04\x8c\x08builtins\x8c\x04eval\x93\x8c\x011\x85R."
+# A harmless global that is simply not on the allowlist.
+PICKLE_CHAINMAP = b"\x80\x04\x8c\x0bcollections\x8c\x08ChainMap\x93)R."
+# PROTO 6 (newer than any supported protocol), BININT1 1, STOP.
+PICKLE_PROTO_6 = b"\x80\x06K\x01."
+# The worked example of docs/explanation/wire-format.md.
+DEMO_SECRET = bytes(range(32))
+DEMO_PAYLOAD = pickle.dumps({"a": 1}, protocol=5)
+DEMO = Spec(
+    DEMO_PAYLOAD,
+    key_id=b"demo",
+    secret=DEMO_SECRET,
+    created_ms=1_800_000_000_000,
+    nonce=bytes(range(16)),
+)
+# ext 11 (registered class) naming a class nobody registered: ["x.Y", {}]
+MP_UNREGISTERED = bytes.fromhex("c7060b92a3782e5980")
+
+
+def _ring(keys: dict[str, bytes] | None = None, active: str = "alpha") -> dict[str, Any]:
+    keys = RING if keys is None else keys
+    assert active in keys
+    return {"active": active, "keys": {k: v.hex() for k, v in keys.items()}}
+
+
+def _codec(
+    serializer: str = "pickle",
+    max_age: float | None = None,
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+) -> dict[str, Any]:
+    codec: dict[str, Any] = {
+        "serializer": serializer,
+        "max_age": max_age,
+        "max_frame_size": max_frame_size,
+    }
+    if serializer == "cloudpickle":
+        codec["unsafe_trust_signed_frames"] = True
+    return codec
+
+
+def _vector(
+    vid: str,
+    desc: str,
+    spec: Spec,
+    *,
+    mutate: Callable[[bytes], bytes] | None = None,
+    keys: dict[str, bytes] | None = None,
+    active: str = "alpha",
+    context: bytes | None = None,
+    codec: dict[str, Any] | None = None,
+    now: float = NOW,
+) -> dict[str, Any]:
+    """One vector: *spec* built with a nonce of its own, then *mutate*d."""
+    if spec.nonce is None:
+        spec = replace(spec, nonce=hashlib.sha256(b"nonce " + vid.encode()).digest()[:16])
+    frame = spec.build()
+    return {
+        "id": vid,
+        "desc": desc,
+        "keyring": _ring(keys, active),
+        "context": (spec.context if context is None else context).hex(),
+        "codec": codec or _codec(),
+        "now": now,
+        "frame": (frame if mutate is None else mutate(frame)).hex(),
+    }
+
+
+def _flip(index: int, mask: int) -> Callable[[bytes], bytes]:
+    """A mutation that flips the bits *mask* of the byte at *index*."""
+
+    def mutate(frame: bytes) -> bytes:
+        out = bytearray(frame)
+        out[index] ^= mask
+        return bytes(out)
+
+    return mutate
+
+
+def _reference_open(vector: dict[str, Any]) -> Parsed:
+    codec = vector["codec"]
+    return open_frame(
+        bytes.fromhex(vector["frame"]),
+        keys={k: bytes.fromhex(v) for k, v in vector["keyring"]["keys"].items()},
+        context=bytes.fromhex(vector["context"]),
+        serializer=codec["serializer"],
+        max_age=codec["max_age"],
+        max_frame_size=codec["max_frame_size"],
+        now=vector["now"],
+    )
+
+
+def valid_vectors() -> list[dict[str, Any]]:
+    """Frames the library must accept, with the payload (and object) they carry."""
+    out: list[dict[str, Any]] = []
+
+    def add(vid: str, desc: str, spec: Spec, *, result: dict[str, Any], **kw: Any) -> None:
+        vector = _vector(vid, desc, spec, **kw)
+        vector["payload"] = spec.payload.hex()
+        vector.update(result)
+        assert len(result) == 1 and set(result) <= {"object", "object_repr", "loads_error"}
+        parsed = _reference_open(vector)  # the reference must accept it
+        assert parsed.payload == spec.payload
+        out.append(vector)
+
+    add("pickle-p5-dict", "pickle protocol 5, a small dict",
+        Spec(P5_DICT), result={"object": P5_DICT_OBJ})
+    add("pickle-p0-list", "pickle protocol 0 (no PROTO opcode, so param 0)",
+        Spec(P0_LIST), result={"object": [1, "two", 3.5]})
+    add("pickle-p1-list", "pickle protocol 1 (no PROTO opcode, so param 0)",
+        Spec(P1_LIST), result={"object": [1]})
+    add("pickle-p2-tuple", "pickle protocol 2, a tuple",
+        Spec(P2_TUPLE), result={"object_repr": "(1, 2)"})
+    add("pickle-p4-bytes", "pickle protocol 4, bytes",
+        Spec(P4_BYTES), result={"object_repr": repr(b"\x00\x01")})
+    add("msgpack-map", "msgpack, a map of an array and nil",
+        Spec(MP_MAP, serializer=SERIALIZERS["msgpack"]),
+        codec=_codec("msgpack"), result={"object": {"a": [1, 2, 3], "b": None}})
+    add("msgpack-tuple-ext", "msgpack, extension type 1 (tuple)",
+        Spec(MP_TUPLE, serializer=SERIALIZERS["msgpack"]),
+        codec=_codec("msgpack"), result={"object_repr": "(1, 2)"})
+    add("cloudpickle-list", "cloudpickle serializer (id 3), protocol 5",
+        Spec(P5_LIST, serializer=SERIALIZERS["cloudpickle"]),
+        codec=_codec("cloudpickle"), result={"object": [1, 2, 3]})
+    add("context", "a non-empty context is bound into the tag",
+        Spec(P5_LIST, context=b"orders-queue"), result={"object": [1, 2, 3]})
+    add("empty-payload", "an empty payload is a well-formed frame (but not a pickle)",
+        Spec(b""), result={"loads_error": "MalformedFrame"})
+    add("max-length-key-id", "a key id of 64 characters, every allowed kind",
+        Spec(P5_LIST, key_id=LONG_ID.encode(), secret=GAMMA),
+        keys={LONG_ID: GAMMA}, active=LONG_ID, result={"object": [1, 2, 3]})
+    add("non-active-key", "signed with a key that verifies but is not the active one",
+        Spec(P5_LIST, key_id=b"beta", secret=BETA), result={"object": [1, 2, 3]})
+    add("future-within-skew", "dated 59 s ahead of the consumer's clock",
+        Spec(P5_LIST, created_ms=NOW_MS + 59_000), result={"object": [1, 2, 3]})
+    add("future-exactly-skew", "dated exactly 60 s ahead: at the skew limit, accepted",
+        Spec(P5_LIST, created_ms=NOW_MS + 60_000), result={"object": [1, 2, 3]})
+    add("age-exactly-max-age", "exactly max_age old: at the limit, accepted",
+        Spec(P5_LIST, created_ms=NOW_MS - 30_000),
+        codec=_codec(max_age=30), result={"object": [1, 2, 3]})
+    add("no-max-age", "without max_age a frame dated at the epoch is accepted",
+        Spec(P5_LIST, created_ms=0), result={"object": [1, 2, 3]})
+    add("worked-example", "the worked example of the wire format document",
+        DEMO, keys={"demo": DEMO_SECRET}, active="demo", now=1_800_000_000.0,
+        result={"object": {"a": 1}})
+    add("worked-example-context", "the worked example sealed under context 'orders'",
+        replace(DEMO, context=b"orders"), keys={"demo": DEMO_SECRET}, active="demo",
+        now=1_800_000_000.0, result={"object": {"a": 1}})
+    add("param-1-protocol-0", "param 1 for a protocol 0 pickle: neither carries a marker",
+        Spec(P0_LIST, param=1), result={"object": [1, "two", 3.5]})
+    size = len(Spec(P5_LIST).build())
+    add("size-exactly-limit", "a frame exactly max_frame_size bytes long",
+        Spec(P5_LIST), codec=_codec(max_frame_size=size), result={"object": [1, 2, 3]})
+    return out
+
+
+def invalid_vectors() -> list[dict[str, Any]]:
+    """Frames the library must refuse, with the exception class it must raise."""
+    out: list[dict[str, Any]] = []
+    msgpack_id = SERIALIZERS["msgpack"]
+
+    def add(
+        vid: str, desc: str, spec: Spec, error: str, *, stage: str = "open", **kw: Any
+    ) -> None:
+        vector = _vector(vid, desc, spec, **kw)
+        vector["error"] = error
+        vector["stage"] = stage
+        if stage == "open":
+            try:
+                _reference_open(vector)
+            except Refused as exc:
+                assert exc.error == error, (vid, exc)
+            else:  # pragma: no cover - a mistake in this file
+                raise AssertionError(f"the reference accepts {vid}")
+        else:  # refused only by the deserializer: every frame check passes
+            _reference_open(vector)
+        out.append(vector)
+
+    good = Spec(P5_LIST)
+    frame_len = len(good.build())
+    created_at = 7 + len(good.key_id)  # offset of the creation time
+
+    # Layout (strict parse) -> MalformedFrame; every tag here is valid.
+    add("bad-magic", "magic b'SR' instead of b'SQ'", replace(good, magic=b"SR"), "MalformedFrame")
+    add("version-2", "unknown version 2", replace(good, version=2), "MalformedFrame")
+    add("version-0", "unknown version 0", replace(good, version=0), "MalformedFrame")
+    add("alg-2", "unknown MAC algorithm id 2", replace(good, alg=2), "MalformedFrame")
+    add("alg-0", "unknown MAC algorithm id 0", replace(good, alg=0), "MalformedFrame")
+    add("serializer-4", "unknown serializer id 4", replace(good, serializer=4), "MalformedFrame")
+    add("serializer-0", "unknown serializer id 0", replace(good, serializer=0), "MalformedFrame")
+    add("msgpack-param-1", "msgpack frame with serializer param 1 (must be 0)",
+        Spec(MP_MAP, serializer=msgpack_id, param=1), "MalformedFrame",
+        codec=_codec("msgpack"))
+    add("key-id-length-0", "key id length 0 (and no key id bytes)",
+        replace(good, key_id=b""), "MalformedFrame")
+    add("key-id-length-65", "key id of 65 characters",
+        replace(good, key_id=b"a" * 65), "MalformedFrame",
+        keys={"a" * 64: ALPHA}, active="a" * 64)
+    add("key-id-slash", "key id with a '/'", replace(good, key_id=b"al/ha"), "MalformedFrame")
+    add("key-id-space", "key id with a space", replace(good, key_id=b"al ha"), "MalformedFrame")
+    add("key-id-non-ascii", "key id with byte 0xff",
+        replace(good, key_id=b"alph\xff"), "MalformedFrame")
+    add("key-id-length-too-long", "key id length 6 over the 5-byte id 'alpha' (shifts fields)",
+        replace(good, key_id_len=6), "MalformedFrame")
+    add("empty", "zero bytes", good, "MalformedFrame", mutate=lambda f: b"")
+    add("truncated-by-one", "a valid frame without its last byte",
+        good, "MalformedFrame", mutate=lambda f: f[:-1])
+    add("truncated-header", "only the first 40 bytes of a valid frame",
+        good, "MalformedFrame", mutate=lambda f: f[:40])
+    add("truncated-no-tag", "a valid frame without its tag",
+        good, "MalformedFrame", mutate=lambda f: f[:-TAG_SIZE])
+    add("trailing-byte", "a valid frame followed by one more byte",
+        good, "MalformedFrame", mutate=lambda f: f + b"\x00")
+    add("trailing-byte-signed", "a byte between payload and tag, covered by a valid tag",
+        replace(good, signed_extra=b"\x00"), "MalformedFrame")
+    add("length-plus-one", "payload length field one more than the payload",
+        replace(good, length=len(P5_LIST) + 1), "MalformedFrame")
+    add("length-minus-one", "payload length field one less than the payload",
+        replace(good, length=len(P5_LIST) - 1), "MalformedFrame")
+    add("length-max", "payload length field 2**64 - 1",
+        replace(good, length=2**64 - 1), "MalformedFrame")
+    add("context-boundary-shift",
+        "the first context byte moved into the frame: same tag, refused by its length",
+        Spec(P5_LIST, context=b"Zq"), "MalformedFrame", context=b"q",
+        mutate=lambda f: f[:-TAG_SIZE] + b"Z" + f[-TAG_SIZE:])
+
+    # Keys -> UnknownKey.
+    add("unknown-key", "signed with key id 'gamma', which the ring does not hold",
+        replace(good, key_id=b"gamma", secret=GAMMA), "UnknownKey")
+    add("key-id-case", "key id 'ALPHA': ids are case-sensitive",
+        replace(good, key_id=b"ALPHA"), "UnknownKey")
+
+    # Tag -> InvalidSignature.
+    add("tag-last-bit", "lowest bit of the last tag byte flipped",
+        good, "InvalidSignature", mutate=_flip(-1, 0x01))
+    add("tag-first-bit", "highest bit of the first tag byte flipped",
+        good, "InvalidSignature", mutate=_flip(-TAG_SIZE, 0x80))
+    add("payload-bit", "one payload bit flipped",
+        good, "InvalidSignature", mutate=_flip(-TAG_SIZE - 2, 0x01))
+    add("created-bit", "lowest bit of the creation time flipped",
+        good, "InvalidSignature", mutate=_flip(created_at + 7, 0x01))
+    add("nonce-bit", "one nonce bit flipped",
+        good, "InvalidSignature", mutate=_flip(created_at + 8, 0x01))
+    add("param-changed", "serializer param changed from 5 to 4 after signing",
+        good, "InvalidSignature", mutate=_flip(5, 0x01))
+    add("other-secret", "names key 'alpha' but was signed with the secret of 'beta'",
+        replace(good, secret=BETA), "InvalidSignature")
+    add("raw-secret-mac", "tag made with the stored secret instead of the HKDF-derived key",
+        replace(good, raw_secret_mac=True), "InvalidSignature")
+    add("wrong-context", "sealed under context 'orders', opened under 'payments'",
+        Spec(P5_LIST, context=b"orders"), "InvalidSignature", context=b"payments")
+    add("context-missing", "sealed under context 'orders', opened without a context",
+        Spec(P5_LIST, context=b"orders"), "InvalidSignature", context=b"")
+    add("context-unexpected", "sealed without a context, opened under 'orders'",
+        good, "InvalidSignature", context=b"orders")
+
+    # Age -> ExpiredFrame.
+    add("expired", "30.001 s old with max_age=30",
+        replace(good, created_ms=NOW_MS - 30_001), "ExpiredFrame", codec=_codec(max_age=30))
+    add("expired-epoch", "dated at the epoch with max_age=3600",
+        replace(good, created_ms=0), "ExpiredFrame", codec=_codec(max_age=3600))
+    add("future-beyond-skew", "dated 60.001 s ahead of the consumer's clock",
+        replace(good, created_ms=NOW_MS + 60_001), "ExpiredFrame")
+    add("future-far", "dated 2**64 - 1 ms after the epoch",
+        replace(good, created_ms=2**64 - 1), "ExpiredFrame")
+
+    # Size -> FrameTooLarge.
+    add("over-max-frame-size", "one byte over max_frame_size",
+        good, "FrameTooLarge", codec=_codec(max_frame_size=frame_len - 1))
+
+    # Serializer -> MalformedFrame.
+    add("msgpack-frame-pickle-codec", "a msgpack frame given to a pickle codec",
+        Spec(MP_MAP, serializer=msgpack_id), "MalformedFrame")
+    add("pickle-frame-msgpack-codec", "a pickle frame given to a msgpack codec",
+        good, "MalformedFrame", codec=_codec("msgpack"))
+    add("cloudpickle-frame-pickle-codec", "a cloudpickle frame given to a restricted pickle codec",
+        replace(good, serializer=SERIALIZERS["cloudpickle"]), "MalformedFrame")
+
+    # Order of the checks: the earlier check decides.
+    add("order-size-before-parse", "over max_frame_size and bad magic: size is checked first",
+        replace(good, magic=b"XX"), "FrameTooLarge", codec=_codec(max_frame_size=frame_len - 1))
+    add("order-parse-before-key", "unknown key and a trailing byte: parsing comes first",
+        replace(good, key_id=b"gamma", secret=GAMMA), "MalformedFrame",
+        mutate=lambda f: f + b"\x00")
+    add("order-key-before-tag", "unknown key id and a zeroed tag: the key lookup comes first",
+        replace(good, key_id=b"gamma", secret=GAMMA), "UnknownKey",
+        mutate=lambda f: f[:-TAG_SIZE] + bytes(TAG_SIZE))
+    add("order-tag-before-age", "expired and a flipped tag bit: the tag is checked first",
+        replace(good, created_ms=0), "InvalidSignature", codec=_codec(max_age=30),
+        mutate=_flip(-1, 0x01))
+    add("order-age-before-serializer", "expired msgpack frame to a pickle codec: age first",
+        Spec(MP_MAP, serializer=msgpack_id, created_ms=0), "ExpiredFrame",
+        codec=_codec(max_age=30))
+    add("order-serializer-before-load", "a msgpack codec never unpickles a forbidden pickle",
+        Spec(PICKLE_OS_SYSTEM), "MalformedFrame", codec=_codec("msgpack"))
+
+    # Deserialization of a validly signed, current frame.
+    add("forbidden-os-system", "a signed pickle calling os.system (protocol 0 REDUCE)",
+        Spec(PICKLE_OS_SYSTEM), "ForbiddenClass", stage="deserialize")
+    add("forbidden-builtins-eval", "a signed pickle calling builtins.eval (STACK_GLOBAL)",
+        Spec(PICKLE_EVAL), "ForbiddenClass", stage="deserialize")
+    add("not-allowlisted", "a signed pickle naming collections.ChainMap (not allowlisted)",
+        Spec(PICKLE_CHAINMAP), "ForbiddenClass", stage="deserialize")
+    add("pickle-protocol-6", "serializer param 6: newer than any supported pickle protocol",
+        Spec(PICKLE_PROTO_6), "MalformedFrame", stage="deserialize")
+    add("param-marker-mismatch", "param 5, but the payload starts with PROTO 4",
+        Spec(pickle.dumps([1, 2, 3], protocol=4), param=5), "MalformedFrame",
+        stage="deserialize")
+    add("param-2-no-marker", "param 2 for a protocol 0 pickle (no PROTO opcode)",
+        Spec(P0_LIST, param=2), "MalformedFrame", stage="deserialize")
+    add("param-0-with-marker", "param 0 for a pickle that starts with PROTO 5",
+        Spec(P5_LIST, param=0), "MalformedFrame", stage="deserialize")
+    add("pickle-trailing-data", "a pickle followed by one byte after STOP",
+        Spec(P5_LIST + b"\x00"), "MalformedFrame", stage="deserialize")
+    add("pickle-empty", "an empty pickle payload", Spec(b""), "MalformedFrame",
+        stage="deserialize")
+    add("msgpack-trailing-data", "a msgpack value followed by one more byte",
+        Spec(MP_MAP + b"\xc0", serializer=msgpack_id), "MalformedFrame",
+        stage="deserialize", codec=_codec("msgpack"))
+    add("msgpack-huge-array", "5 bytes of msgpack declaring an array of 2**32 - 1 items",
+        Spec(bytes.fromhex("ddffffffff"), serializer=msgpack_id), "MalformedFrame",
+        stage="deserialize", codec=_codec("msgpack"))
+    add("msgpack-unregistered-class", "msgpack extension 11 naming an unregistered class",
+        Spec(MP_UNREGISTERED, serializer=msgpack_id), "ForbiddenClass",
+        stage="deserialize", codec=_codec("msgpack"))
+    return out
+
+
+# -- output ------------------------------------------------------------------
+
+HEADER = {
+    "format": "signedqueue wire format v1 test vectors",
+    "generator": "tests/vectors/generate.py (independent reference implementation)",
+}
+
+
+def documents() -> dict[str, str]:
+    """The JSON files, by name, exactly as written to disk."""
+
+    def dump(kind: str, vectors: list[dict[str, Any]]) -> str:
+        ids = [v["id"] for v in vectors]
+        assert len(ids) == len(set(ids)), "duplicate vector ids"
+        assert all(v["desc"] for v in vectors)
+        doc = dict(HEADER, kind=kind, vectors=vectors)
+        return json.dumps(doc, indent=1) + "\n"
+
+    return {
+        "frames_valid.json": dump("valid", valid_vectors()),
+        "frames_invalid.json": dump("invalid", invalid_vectors()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only compare, write nothing")
+    args = parser.parse_args(argv)
+    here = Path(__file__).resolve().parent
+    stale = []
+    for name, text in documents().items():
+        path = here / name
+        if args.check:
+            if not path.exists() or path.read_text(encoding="utf-8") != text:
+                stale.append(name)
+        else:
+            path.write_text(text, encoding="utf-8")
+    for name in stale:
+        print(f"{name} is stale: run python tests/vectors/generate.py", file=sys.stderr)
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
