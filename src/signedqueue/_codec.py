@@ -336,8 +336,10 @@ class Codec:
             ) from None
         except GlobalModified as exc:
             raise ForbiddenClass(
-                f"refused pickle: it tried to change the attributes of {exc.name!r} "
-                "itself (not of an instance); the change was undone",
+                "refused pickle: it tried to change the attributes of "
+                + (f"a member of {exc.name!r}" if exc.member else repr(exc.name))
+                + " (shared by the whole process, not a new instance); the change was "
+                "undone",
                 names=[exc.name],
                 allow_entries=[None],
             ) from None

@@ -289,9 +289,10 @@ class Guard:
 class GlobalModified(Exception):
     """Internal: a pickle changed a class or function it named (BUILD)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, member: bool = False) -> None:
         super().__init__(name)
         self.name = name
+        self.member = member
 
 
 def _state(obj: Any) -> tuple[Any, ...] | None:
@@ -377,7 +378,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file, fix_imports=False)
         self._policy = policy
         self._budget = _Budget(budget)
-        self._named: list[tuple[str, Any, tuple[Any, ...]]] = []
+        # (name, is an enum member of it, object, state before the load)
+        self._named: list[tuple[str, bool, Any, tuple[Any, ...]]] = []
 
     def find_class(self, module: str, name: str) -> Any:
         # Python 2 names, as protocols 0-2 write them by default
@@ -395,18 +397,18 @@ class RestrictedUnpickler(pickle.Unpickler):
             return Guard(obj, check, self._budget)
         shown = f"{module}.{name}"
         for target, state in _snapshot(obj):
-            self._named.append((shown, target, state))
+            self._named.append((shown, target is not obj, target, state))
         return obj
 
     def check_unchanged(self) -> None:
         """Raise GlobalModified (after undoing it) if a named global changed."""
-        first = None
-        for shown, obj, snap in self._named:
+        first: tuple[str, bool] | None = None
+        for shown, member, obj, snap in self._named:
             if _changed(obj, snap):
                 _restore(obj, snap)
-                first = first or shown
+                first = first or (shown, member)
         if first is not None:
-            raise GlobalModified(first)
+            raise GlobalModified(*first)
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("persistent ids are not supported")
