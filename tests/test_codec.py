@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+import signedqueue
 import signedqueue._codec
 import signedqueue._frame
 import signedqueue._keys
@@ -582,6 +583,224 @@ def test_refusals_pickle_round_trip(ring: Keyring, clock: Any) -> None:
         for attr in ("size", "limit", "age", "names", "allow_entries"):
             assert getattr(exc, attr, None) == getattr(copy, attr, None)
 
+
+
+# -- reseal and verify ----------------------------------------------------------------
+
+
+def reference_tag(ring: Keyring, key_id: str, frame: bytes, context: bytes = b"") -> bytes:
+    """The tag a frame must carry, computed here from the key's secret."""
+    mac_key = derive_mac_key(secret_of(ring, key_id))
+    return hmac.new(mac_key, frame[:-32] + context, "sha256").digest()
+
+
+def test_reseal_under_the_new_key(ring: Keyring, clock: Any) -> None:
+    """reseal signs under the active key, keeping created time, nonce and payload."""
+    codec = Codec(ring, clock=clock, context=b"q")
+    frame = codec.dumps(SAMPLE)
+    old_id = ring.active_id
+    new_id = ring.rotate()
+    clock.advance(3600)  # resealed an hour later: the created time is still the old one
+    resealed = codec.reseal(frame)
+
+    before, after = codec.verify(frame), codec.verify(resealed)
+    assert (before.key_id, after.key_id) == (old_id, new_id)
+    assert after.created == before.created == int((clock.now - 3600) * 1000) / 1000
+    assert after.nonce == before.nonce
+    assert (after.serializer, after.param, after.payload_size) == (
+        before.serializer, before.param, before.payload_size)
+    assert codec.unseal(resealed) == codec.unseal(frame)
+    assert resealed[-32:] == reference_tag(ring, new_id, resealed, b"q")
+    assert resealed[-32:] != reference_tag(ring, old_id, resealed, b"q")
+    with pytest.raises(InvalidSignature):
+        Codec(ring).loads(resealed)  # still bound to its context
+
+    # While both keys are in the ring, both frames verify; then only the new one.
+    assert codec.loads(frame) == SAMPLE
+    assert codec.loads(resealed) == SAMPLE
+    ring.retire(old_id)
+    with pytest.raises(UnknownKey):
+        codec.loads(frame)
+    assert codec.loads(resealed) == SAMPLE
+
+
+def test_reseal_under_the_same_key_changes_nothing(ring: Keyring) -> None:
+    """Resealing a frame already signed by the active key gives back the same bytes."""
+    codec = Codec(ring)
+    frame = codec.dumps([1, 2, 3])
+    assert codec.reseal(frame) == frame
+
+
+@pytest.mark.parametrize(
+    ("serializer", "param"),
+    [*(("pickle", p) for p in range(pickle.HIGHEST_PROTOCOL + 1)), ("msgpack", 0),
+     ("cloudpickle", 5)],
+)
+def test_reseal_keeps_serializer_and_protocol(ring: Keyring, serializer: str, param: int) -> None:
+    """A resealed frame keeps the serializer id and its parameter (the pickle protocol)."""
+    options: dict[str, Any] = {"serializer": serializer}
+    if serializer == "pickle":
+        options["protocol"] = param
+    if serializer == "cloudpickle":
+        options["unsafe_trust_signed_frames"] = True
+    codec = Codec(ring, **options)
+    frame = codec.dumps({"n": [1, 2]})
+    ring.rotate()
+    resealed = codec.reseal(frame)
+    old = signedqueue._frame.parse_unverified(frame)
+    new = signedqueue._frame.parse_unverified(resealed)
+    assert (new.serializer, new.param) == (old.serializer, old.param)
+    assert new.param == param
+    assert codec.verify(resealed).serializer == serializer
+    assert codec.loads(resealed) == {"n": [1, 2]}
+
+
+@pytest.mark.parametrize("payload", [b"\x80\x02K\x01.", b"N.", b""], ids=["p2", "p0", "empty"])
+def test_reseal_keeps_the_param_of_sealed_payloads(ring: Keyring, payload: bytes) -> None:
+    """A raw sealed payload keeps the param it was sealed with, and its bytes."""
+    codec = Codec(ring)
+    frame = codec.seal(payload)
+    ring.rotate()
+    resealed = codec.reseal(frame)
+    assert codec.verify(resealed).param == codec.verify(frame).param
+    assert codec.unseal(resealed) == payload
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+@pytest.mark.parametrize("size", [10, LARGE + 10])
+def test_reseal_buffer_types(ring: Keyring, kind: Callable[[bytes], Any], size: int) -> None:
+    """reseal takes any buffer, small or hashed incrementally, and returns bytes."""
+    codec = Codec(ring, serializer="msgpack", context=b"c")
+    frame = codec.seal(b"p" * size)
+    new_id = ring.rotate()
+    resealed = codec.reseal(kind(frame))
+    assert type(resealed) is bytes
+    assert resealed[-32:] == reference_tag(ring, new_id, resealed, b"c")
+    assert codec.unseal(resealed) == b"p" * size
+
+
+def test_reseal_never_deserializes(ring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A frame naming a forbidden global reseals (nothing is loaded) and loads still refuse it."""
+    codec = Codec(ring)
+    frame = codec.seal(FORBIDDEN_PICKLE)
+    ring.rotate()
+    calls: list[object] = []
+    monkeypatch.setattr("os.system", lambda *a: calls.append(a))
+    with monkeypatch.context() as patch:
+        patch.setattr(codec._serializer, "loads", _Tripwire("serializer").loads)
+        resealed = codec.reseal(frame)
+        assert codec.verify(resealed).payload_size == len(FORBIDDEN_PICKLE)
+    assert codec.unseal(resealed) == FORBIDDEN_PICKLE
+    with pytest.raises(ForbiddenClass) as info:
+        codec.loads(resealed)
+    assert info.value.names == ("os.system",)
+    assert calls == []
+
+
+def test_reseal_does_not_extend_a_frames_life(ring: Keyring, clock: Any) -> None:
+    """A resealed frame keeps its creation time, so max_age counts from the original."""
+    codec = Codec(ring, clock=clock, max_age=60)
+    frame = codec.dumps("x")
+    clock.advance(50)
+    ring.rotate()
+    resealed = codec.reseal(frame)
+    assert codec.loads(resealed) == "x"
+    clock.advance(10.001)
+    with pytest.raises(ExpiredFrame):
+        codec.loads(resealed)
+
+
+def test_reseal_over_max_frame_size(clock: Any) -> None:
+    """Resealing under a longer key id that would exceed max_frame_size raises ValueError."""
+    ring = Keyring.generate("k")
+    codec = Codec(ring, serializer="msgpack", max_frame_size=200, clock=clock)
+    frame = codec.seal(b"x" * (200 - 72))
+    assert len(frame) == 200
+    ring.add("k" * 64)
+    ring.promote("k" * 64)
+    with pytest.raises(ValueError, match="over max_frame_size=200"):
+        codec.reseal(frame)
+
+
+REFUSAL_KINDS = ["FrameTooLarge", "MalformedFrame", "UnknownKey", "InvalidSignature",
+                 "ExpiredFrame"]
+
+
+def _refused_by(method: Callable[[bytes], Any], frame: bytes) -> RejectedFrame:
+    """The refusal *method* raises for *frame*."""
+    with pytest.raises(RejectedFrame) as info:
+        method(frame)
+    return info.value
+
+
+@pytest.mark.parametrize("method", ["reseal", "verify"])
+@pytest.mark.parametrize("kind", [*REFUSAL_KINDS, "OtherSerializer"])
+def test_reseal_and_verify_refuse_as_loads(
+    ring: Keyring, clock: Any, caplog: pytest.LogCaptureFixture, method: str, kind: str
+) -> None:
+    """reseal and verify refuse exactly what loads refuses, with the same exception and log."""
+    if kind == "OtherSerializer":
+        codec = Codec(ring, clock=clock)
+        frame = Codec(ring, serializer="msgpack", clock=clock).dumps(MARKER)
+    else:
+        codec, frame = _refusals(ring, clock)[kind]
+    expected = _refused_by(codec.loads, frame)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="signedqueue"):
+        got = _refused_by(getattr(codec, method), frame)
+    assert type(got) is type(expected)
+    assert (str(got), got.reason, got.frame, got.key_id) == (
+        str(expected), expected.reason, expected.frame, expected.key_id)
+    assert len([r for r in caplog.records if r.name == "signedqueue"]) == 1
+
+
+def test_verify_frame_info(ring: Keyring, clock: Any) -> None:
+    """verify returns the header of a verified frame: key, time, serializer, param, nonce, size."""
+    clock.now = 1_800_000_000.9876
+    codec = Codec(ring, clock=clock, protocol=3)
+    frame = codec.dumps(SAMPLE)
+    info = codec.verify(frame)
+    header = signedqueue._frame.parse_unverified(frame)
+    assert info == signedqueue.FrameInfo(
+        key_id=ring.active_id,
+        created=1_800_000_000.987,
+        serializer="pickle",
+        param=3,
+        nonce=header.nonce,
+        payload_size=len(codec.unseal(frame)),
+    )
+    assert len(info.nonce) == 16
+    assert info.nonce == frame[7 + len(ring.active_id) + 8 : 7 + len(ring.active_id) + 24]
+    with pytest.raises(AttributeError):
+        info.key_id = "other"  # type: ignore[misc]
+    assert "FrameInfo" in signedqueue.__all__
+
+
+@pytest.mark.parametrize("size", [0, 10, LARGE + 10])
+def test_verify_msgpack_and_sizes(ring: Keyring, size: int) -> None:
+    """verify reports msgpack frames with param 0 and the exact payload size."""
+    codec = Codec(ring, serializer="msgpack")
+    info = codec.verify(codec.seal(b"m" * size))
+    assert (info.serializer, info.param, info.payload_size) == ("msgpack", 0, size)
+
+
+def test_verify_never_deserializes(ring: Keyring, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify accepts a validly signed frame naming a forbidden global: it loads nothing."""
+    codec = Codec(ring)
+    frame = codec.seal(FORBIDDEN_PICKLE)
+    monkeypatch.setattr(codec._serializer, "loads", _Tripwire("serializer").loads)
+    info = codec.verify(frame)
+    assert (info.serializer, info.param, info.payload_size) == (
+        "pickle", 0, len(FORBIDDEN_PICKLE))
+
+
+def test_verify_after_rotation(ring: Keyring) -> None:
+    """verify names the key that signed each frame, across a rotation."""
+    codec = Codec(ring)
+    old_id = ring.active_id
+    old = codec.dumps(1)
+    new_id = ring.rotate()
+    assert [codec.verify(f).key_id for f in (old, codec.dumps(2))] == [old_id, new_id]
 
 
 # -- resource bounds of the restricted unpickler -------------------------------------

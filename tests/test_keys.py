@@ -1,4 +1,4 @@
-"""Keyring: construction, rotation, files, environment, secrecy and key derivation."""
+"""Keyring: construction, key states and lifecycle, files, environment, secrecy, key derivation."""
 
 from __future__ import annotations
 
@@ -22,10 +22,13 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+import signedqueue._frame
 import signedqueue._keys
+import signedqueue._keysource
 from signedqueue import (
     Codec,
     InvalidSignature,
+    KeyInfo,
     Keyring,
     KeyringError,
     RejectedFrame,
@@ -48,13 +51,17 @@ def secret_forms(secret: bytes) -> list[str]:
     return [secret.hex(), base64.b64encode(secret).decode(), repr(secret)[2:-1]]
 
 
+def entry(secret: bytes, state: str = "active", created: float = 1.0) -> dict[str, Any]:
+    """One key entry of a keyring document."""
+    return {"secret": base64.b64encode(secret).decode(), "state": state, "created": created}
+
+
 def doc(**overrides: Any) -> str:
     """A valid keyring document with some fields replaced (None: removed)."""
     base: dict[str, Any] = {
         "format": "signedqueue-keyring",
         "version": 1,
-        "active": "a",
-        "keys": {"a": {"secret": base64.b64encode(SECRET_A).decode(), "created": 1.0}},
+        "keys": {"a": entry(SECRET_A)},
     }
     base.update(overrides)
     return json.dumps({k: v for k, v in base.items() if v is not None})
@@ -142,11 +149,126 @@ def test_constructor_copies_its_inputs() -> None:
     assert Codec(Keyring({"a": SECRET_A}, "a")).loads(frame) == "x"
 
 
-# -- rotate and retire ---------------------------------------------------------
+# -- key states and the lifecycle ------------------------------------------------
+
+
+def states_of(ring: Keyring) -> dict[str, str]:
+    """Key id to state, through the public keys()."""
+    infos = ring.describe()
+    return {info.key_id: info.state for info in infos}
+
+
+def test_constructor_states() -> None:
+    """Keys other than the active one are staged unless states= says previous."""
+    ring = Keyring({"a": SECRET_A, "b": SECRET_B, "c": SECRET_A[::-1]}, "b",
+                   states={"a": "previous"})
+    assert states_of(ring) == {"a": "previous", "b": "active", "c": "staged"}
+    assert ring.state("b") == "active"
+    ring = Keyring({"a": SECRET_A, "b": SECRET_B}, "a", states={"a": "active", "b": "staged"})
+    assert states_of(ring) == {"a": "active", "b": "staged"}
+
+
+def test_constructor_two_active_keys() -> None:
+    """A second key marked active in states= is refused with KeyringError (a ValueError)."""
+    with pytest.raises(KeyringError, match=r"two active keys \('a' and 'b'\)") as info:
+        Keyring({"a": SECRET_A, "b": SECRET_B}, "a", states={"b": "active"})
+    assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("states", "message"),
+    [
+        ({"a": "staged"}, "key 'a' is the active key; its state must be 'active'"),
+        ({"a": "previous"}, "key 'a' is the active key; its state must be 'active'"),
+        ({"b": "retired"}, "key 'b' has state 'retired'; use one of"),
+        ({"b": None}, "key 'b' has state None; use one of"),
+    ],
+)
+def test_constructor_invalid_states(states: dict[str, Any], message: str) -> None:
+    """A state that contradicts the active id, or is not a known state, is refused."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Keyring({"a": SECRET_A, "b": SECRET_B}, "a", states=states)
+
+
+def test_add_stages_a_key() -> None:
+    """add() stages a fresh random key: it verifies at once but does not sign."""
+    ring = Keyring.generate("old")
+    codec = Codec(ring)
+    new_id = ring.add()
+    assert re.fullmatch(r"k[0-9a-f]{12}", new_id)
+    assert ring.key_ids == ("old", new_id)
+    assert ring.active_id == "old"
+    assert states_of(ring) == {"old": "active", new_id: "staged"}
+    assert len(secret_of(ring, new_id)) == 32
+    assert secret_of(ring, new_id) != secret_of(ring, "old")
+    assert signedqueue._frame.peek_key_id(codec.dumps(1)) == "old"
+    # A producer that already promoted the key elsewhere is verified here.
+    elsewhere = Keyring.from_json(ring.to_json())
+    elsewhere.promote(new_id)
+    assert codec.loads(Codec(elsewhere).dumps("from new key")) == "from new key"
+
+
+def test_add_with_key_id() -> None:
+    """add() takes an explicit id; an id the ring holds or an invalid one is refused."""
+    ring = Keyring.generate("a")
+    assert ring.add("b") == "b"
+    assert ring.state("b") == "staged"
+    before = ring.to_json()
+    with pytest.raises(KeyringError, match="already holds a key 'b'"):
+        ring.add("b")
+    with pytest.raises(KeyringError, match="already holds a key 'a'"):
+        ring.add("a")
+    with pytest.raises(ValueError, match="invalid key id"):
+        ring.add("no spaces")
+    assert before == ring.to_json()
+
+
+def test_promote() -> None:
+    """promote() makes a staged key active; the key that was active becomes previous."""
+    ring = Keyring.generate("a")
+    codec = Codec(ring)
+    old_frame = codec.dumps("old")
+    ring.add("b")
+    ring.promote("b")
+    assert ring.active_id == "b"
+    assert states_of(ring) == {"a": "previous", "b": "active"}
+    new_frame = codec.dumps("new")
+    assert signedqueue._frame.peek_key_id(new_frame) == "b"
+    assert codec.loads(old_frame) == "old"
+    assert codec.loads(new_frame) == "new"
+    ring.add("c")
+    ring.promote("c")
+    assert states_of(ring) == {"a": "previous", "b": "previous", "c": "active"}
+
+
+def test_promote_a_previous_key_back() -> None:
+    """A previous key can be promoted again (rolling back); the other becomes previous."""
+    ring = Keyring.generate("a")
+    ring.add("b")
+    ring.promote("b")
+    ring.promote("a")
+    assert states_of(ring) == {"a": "active", "b": "previous"}
+
+
+def test_promote_the_active_key_changes_nothing() -> None:
+    """Promoting the key that is already active leaves every state as it was."""
+    ring = Keyring({"a": SECRET_A, "b": SECRET_B}, "a", states={"b": "previous"})
+    before = ring.to_json()
+    ring.promote("a")
+    assert before == ring.to_json()
+
+
+def test_promote_unknown_key() -> None:
+    """Promoting an id the ring does not hold is a KeyError listing the known ids."""
+    ring = Keyring({"a": SECRET_A, "b": SECRET_B}, "a")
+    before = ring.to_json()
+    with pytest.raises(KeyError, match=r"no key 'zz' in the ring; known ids: \['a', 'b'\]"):
+        ring.promote("zz")
+    assert before == ring.to_json()
 
 
 def test_rotate() -> None:
-    """rotate() adds a fresh key, makes it active, and old frames keep verifying."""
+    """rotate() adds a fresh active key; the old one becomes previous and keeps verifying."""
     ring = Keyring.generate("old")
     codec = Codec(ring)
     old_frame = codec.dumps("before")
@@ -154,31 +276,60 @@ def test_rotate() -> None:
     assert new_id == ring.active_id
     assert new_id != "old"
     assert ("old", new_id) == ring.key_ids
+    assert states_of(ring) == {"old": "previous", new_id: "active"}
     assert secret_of(ring, new_id) != secret_of(ring, "old")
     assert codec.loads(old_frame) == "before"
+    assert signedqueue._frame.peek_key_id(codec.dumps(0)) == new_id
     assert codec.loads(codec.dumps("after")) == "after"
 
 
-def test_retire() -> None:
-    """retire() removes a key: its frames become UnknownKey, the others still verify."""
+def test_rotate_keeps_staged_keys_staged() -> None:
+    """rotate() leaves staged keys staged and demotes only the active key."""
+    ring = Keyring.generate("a")
+    ring.add("s")
+    new_id = ring.rotate()
+    assert states_of(ring) == {"a": "previous", "s": "staged", new_id: "active"}
+
+
+@pytest.mark.parametrize("state", ["previous", "staged"])
+def test_retire(state: str) -> None:
+    """retire() removes a previous or staged key: its frames become UnknownKey."""
+    ring = Keyring({"keep": SECRET_A, "old": SECRET_B}, "keep", states={"old": state})
+    codec = Codec(ring)
+    old_frame = Codec(Keyring({"old": SECRET_B}, "old")).dumps("before")
+    assert codec.loads(old_frame) == "before"
+    ring.retire("old")
+    assert ("keep",) == ring.key_ids
+    assert "old" not in ring
+    assert states_of(ring) == {"keep": "active"}
+    with pytest.raises(UnknownKey):
+        codec.loads(old_frame)
+    assert codec.loads(codec.dumps("after")) == "after"
+
+
+def test_rotate_then_retire() -> None:
+    """The in-process cycle: rotate(), then retire() the previous key."""
     ring = Keyring.generate("old")
     codec = Codec(ring)
     old_frame = codec.dumps("before")
     new_id = ring.rotate()
     ring.retire("old")
     assert (new_id,) == ring.key_ids
-    assert "old" not in ring
     with pytest.raises(UnknownKey):
         codec.loads(old_frame)
     assert codec.loads(codec.dumps("after")) == "after"
 
 
 def test_retire_refuses_the_active_key() -> None:
-    """The active key cannot be retired; the ring is unchanged and still signs."""
+    """The active key cannot be retired (KeyringError, a ValueError); the ring still signs."""
     ring = Keyring.generate("only")
-    with pytest.raises(ValueError, match="active signing key; call rotate"):
+    ring.add("staged")
+    before = ring.to_json()
+    with pytest.raises(KeyringError, match="'only' is the active signing key; promote another"
+                       ) as info:
         ring.retire("only")
-    assert ring.key_ids == ("only",)
+    assert isinstance(info.value, ValueError)
+    assert before == ring.to_json()
     codec = Codec(ring)
     assert codec.loads(codec.dumps(1)) == 1
 
@@ -188,6 +339,36 @@ def test_retire_unknown_key() -> None:
     ring = Keyring.generate("a")
     with pytest.raises(KeyError, match=r"no key 'zz' in the ring; known ids: \['a'\]"):
         ring.retire("zz")
+
+
+def test_keys_and_state() -> None:
+    """keys() gives id, state and creation time oldest first; state() one key's state."""
+    ring = Keyring(
+        {"c": SECRET_A, "a": SECRET_B, "b": SECRET_A[::-1]}, "a",
+        created={"c": 3.0, "a": 1.0, "b": 2.0}, states={"c": "previous"},
+    )
+    assert ring.describe() == (
+        KeyInfo("a", "active", 1.0), KeyInfo("b", "staged", 2.0), KeyInfo("c", "previous", 3.0)
+    )
+    assert [ring.state(k) for k in ("a", "b", "c")] == ["active", "staged", "previous"]
+    with pytest.raises(KeyError, match=r"no key 'd' in the ring; known ids: \['a', 'b', 'c'\]"):
+        ring.state("d")
+    info = ring.describe()[0]
+    with pytest.raises(AttributeError):
+        info.state = "previous"  # type: ignore[misc]
+    for text in (repr(ring.describe()), str(ring.describe())):
+        for secret in (SECRET_A, SECRET_B, SECRET_A[::-1]):
+            for form in secret_forms(secret):
+                assert form not in text
+
+
+def test_created_times_of_new_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """add() and rotate() stamp the new key with the current time; others keep theirs."""
+    monkeypatch.setattr(signedqueue._keys, "time", types.SimpleNamespace(time=lambda: 500.0))
+    ring = Keyring({"a": SECRET_A}, "a", created={"a": 7.0})
+    ring.add("b")
+    rotated = ring.rotate()
+    assert [ring.created(k) for k in ("a", "b", rotated)] == [7.0, 500.0, 500.0]
 
 
 def test_key_ids_oldest_first() -> None:
@@ -219,14 +400,16 @@ def test_key_ids_from_creation_times() -> None:
 
 
 def test_file_round_trip(tmp_path: Path) -> None:
-    """to_file then from_file gives back the same ring, and frames cross between them."""
-    ring = Keyring({"a": SECRET_A, "b": SECRET_B}, "b", created={"a": 10.0, "b": 20.5})
+    """to_file then from_file gives back the same ring, states included; frames cross."""
+    ring = Keyring({"a": SECRET_A, "b": SECRET_B, "c": SECRET_A[::-1]}, "b",
+                   created={"a": 10.0, "b": 20.5, "c": 30.0}, states={"a": "previous"})
     path = tmp_path / "ring.json"
     ring.to_file(path)
     loaded = Keyring.from_file(str(path))
     assert ring.active_id == loaded.active_id
     assert ring.key_ids == loaded.key_ids
     assert [ring.created(k) for k in ring.key_ids] == [loaded.created(k) for k in loaded.key_ids]
+    assert ring.describe() == loaded.describe()
     assert ring.to_json() == loaded.to_json()
     assert Codec(loaded).loads(Codec(ring).dumps("x")) == "x"
     assert Codec(ring).loads(Codec(loaded).dumps("y")) == "y"
@@ -268,7 +451,7 @@ def test_to_file_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
         raise OSError("disk full")
 
     with monkeypatch.context() as patch:
-        patch.setattr(signedqueue._keys.os, "fsync", failing_fsync)
+        patch.setattr(signedqueue._keysource.os, "fsync", failing_fsync)
         with pytest.raises(OSError, match="disk full"):
             Keyring.generate("third").to_file(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ring.json"]
@@ -339,6 +522,7 @@ def key_a(**entry: Any) -> str:
 
 NEEDS_STRING = "key 'a' needs a \"secret\" string"
 CREATED = "\"created\" of key 'a'"
+STATE = re.escape("\"state\" of key 'a' must be one of ['staged', 'active', 'previous']")
 NOT_BASE64 = "b64!"  # not the base64 alphabet
 
 
@@ -346,27 +530,49 @@ NOT_BASE64 = "b64!"  # not the base64 alphabet
     ("text", "message"),
     [
         pytest.param("{not json", "not valid JSON", id="not-json"),
+        pytest.param(b"\xff\xfe\x00", "not valid JSON", id="not-utf8"),
         pytest.param("[]", "the top level must be an object", id="not-object"),
         pytest.param(doc(format="other"), '"format": "signedqueue-keyring"', id="format"),
         pytest.param(doc(format=None), '"format": "signedqueue-keyring"', id="no-format"),
         pytest.param(doc(version=2), '"version": 1', id="version"),
         pytest.param(doc(version=True), '"version": 1', id="version-bool"),
         pytest.param(doc(extra=1), r"unknown fields \['extra'\]", id="unknown-field"),
+        pytest.param(doc(active="a"), r"unknown fields \['active'\]", id="old-format-active"),
+        pytest.param(doc(keys=None), '"keys" must be a non-empty object', id="no-keys"),
         pytest.param(doc(keys={}), '"keys" must be a non-empty object', id="empty-keys"),
         pytest.param(doc(keys=[]), '"keys" must be a non-empty object', id="keys-list"),
         pytest.param(doc(keys={"a": B64_A}), NEEDS_STRING, id="entry-not-object"),
-        pytest.param(key_a(secret=5), NEEDS_STRING, id="secret-not-string"),
-        pytest.param(key_a(secret=NOT_BASE64), "of key 'a' is not valid base64", id="base64"),
-        pytest.param(key_a(secret=B64_A, created="now"), CREATED, id="created"),
-        pytest.param(key_a(secret=B64_A, created=True), CREATED, id="created-bool"),
+        pytest.param(key_a(state="active"), NEEDS_STRING, id="no-secret"),
+        pytest.param(key_a(secret=5, state="active"), NEEDS_STRING, id="secret-not-string"),
+        pytest.param(key_a(secret=NOT_BASE64, state="active"), "of key 'a' is not valid base64",
+                     id="base64"),
+        pytest.param(key_a(secret=B64_A[:-1], state="active"), "of key 'a' is not valid base64",
+                     id="base64-padding"),
+        pytest.param(key_a(secret=B64_A, state="active", created="now"), CREATED, id="created"),
+        pytest.param(key_a(secret=B64_A, state="active", created=True), CREATED,
+                     id="created-bool"),
+        pytest.param(key_a(secret=B64_A), STATE, id="no-state"),
+        pytest.param(key_a(secret=B64_A, state="retired"), STATE, id="unknown-state"),
+        pytest.param(key_a(secret=B64_A, state="ACTIVE"), STATE, id="state-case"),
+        pytest.param(key_a(secret=B64_A, state=["active"]), STATE, id="state-list"),
         pytest.param(
-            key_a(secret=B64_A, note=1), r"unknown fields \['note'\] in key 'a'", id="key-field"
+            key_a(secret=B64_A, state="active", note=1), r"unknown fields \['note'\] in key 'a'",
+            id="key-field",
         ),
-        pytest.param(doc(active=None), '"active" must be a key id', id="no-active"),
-        pytest.param(doc(active="b"), "active key 'b' is not in the ring", id="active-unknown"),
-        pytest.param(key_a(secret=B64_SHORT), "is 5 bytes; use at least 16", id="short-secret"),
+        pytest.param(key_a(secret=B64_SHORT, state="active"), "is 5 bytes; use at least 16",
+                     id="short-secret"),
+        pytest.param(doc(keys={"a b": entry(SECRET_A)}), "invalid key id", id="bad-key-id"),
         pytest.param(
-            doc(keys={"a b": {"secret": B64_A}}, active="a b"), "invalid key id", id="bad-key-id"
+            doc(keys={"a": entry(SECRET_A, "staged")}), "exactly one active key, not 0",
+            id="no-active-key",
+        ),
+        pytest.param(
+            doc(keys={"a": entry(SECRET_A, "previous"), "b": entry(SECRET_B, "staged")}),
+            "exactly one active key, not 0", id="only-previous-and-staged",
+        ),
+        pytest.param(
+            doc(keys={"a": entry(SECRET_A), "b": entry(SECRET_B)}),
+            r"exactly one active key, not 2 \(\['a', 'b'\]\)", id="two-active-keys",
         ),
     ],
 )
@@ -375,28 +581,65 @@ def test_invalid_documents(text: str, message: str) -> None:
     with pytest.raises(KeyringError, match=message) as info:
         Keyring.from_json(text)
     assert isinstance(info.value, SignedQueueError)
+    assert isinstance(info.value, ValueError)
     assert not isinstance(info.value, RejectedFrame)
-    assert B64_A not in str(info.value)
-    assert SECRET_A.hex() not in str(info.value)
+    assert str(info.value).startswith(("invalid keyring document: ", "keyring document is"))
+    assert "\n" not in str(info.value)
+    for secret in (SECRET_A, SECRET_B):
+        for form in secret_forms(secret):
+            assert form not in str(info.value)
 
 
 def test_valid_document() -> None:
     """The reference document loads, with creation time defaulting to 0."""
-    ring = Keyring.from_json(doc(keys={"a": {"secret": B64_A}}))
+    ring = Keyring.from_json(doc(keys={"a": {"secret": B64_A, "state": "active"}}))
     assert ring.created("a") == 0.0
+    assert ring.state("a") == "active"
     assert secret_of(ring, "a") == SECRET_A
     assert ring.to_json() == Keyring.from_json(ring.to_json().encode()).to_json()
+
+
+def test_document_with_every_state() -> None:
+    """A document may hold staged and previous keys besides the one active key."""
+    text = doc(keys={
+        "p": entry(SECRET_A, "previous", 1.0),
+        "a": entry(SECRET_B, "active", 2),
+        "s": entry(SECRET_A[::-1], "staged", 3.5),
+    })
+    ring = Keyring.from_json(text)
+    assert ring.describe() == (
+        KeyInfo("p", "previous", 1.0), KeyInfo("a", "active", 2.0), KeyInfo("s", "staged", 3.5)
+    )
+    assert ring.active_id == "a"
+    assert secret_of(ring, "s") == SECRET_A[::-1]
+
+
+def test_to_json_format() -> None:
+    """to_json writes the documented format: no top-level active, state and created per key."""
+    ring = Keyring({"a": SECRET_A, "b": SECRET_B}, "b", created={"a": 1.0, "b": 2.5},
+                   states={"a": "previous"})
+    assert json.loads(ring.to_json()) == {
+        "format": "signedqueue-keyring",
+        "version": 1,
+        "keys": {
+            "a": {"secret": B64_A, "state": "previous", "created": 1.0},
+            "b": {"secret": base64.b64encode(SECRET_B).decode(), "state": "active",
+                  "created": 2.5},
+        },
+    }
 
 
 # -- secrecy -----------------------------------------------------------------------
 
 
-def test_repr_shows_ids_never_secrets() -> None:
-    """repr() and str() of a ring name its key ids and never its secrets or MAC keys."""
-    ring = Keyring({"a": SECRET_A, "b": SECRET_B}, "a", created={"a": 1.0, "b": 2.0})
+def test_repr_shows_ids_and_states_never_secrets() -> None:
+    """repr() and str() of a ring name its key ids and states, never secrets or MAC keys."""
+    ring = Keyring({"a": SECRET_A, "b": SECRET_B, "c": SECRET_A[::-1]}, "b",
+                   created={"a": 1.0, "b": 2.0, "c": 3.0}, states={"a": "previous"})
     for text in (repr(ring), str(ring)):
-        assert text == "<Keyring active='a' key_ids=['a', 'b']>"
-        for secret in (SECRET_A, SECRET_B, derive_mac_key(SECRET_A), derive_mac_key(SECRET_B)):
+        assert text == "<Keyring active='b' keys=[a:previous, b:active, c:staged]>"
+        for secret in (SECRET_A, SECRET_B, SECRET_A[::-1], derive_mac_key(SECRET_A),
+                       derive_mac_key(SECRET_B)):
             for form in secret_forms(secret):
                 assert form not in text
 
@@ -415,7 +658,8 @@ def test_pickling_while_spawning() -> None:
     """While a process is being spawned the ring pickles, and the copy verifies frames."""
     from multiprocessing import context
 
-    ring = Keyring({"a": SECRET_A, "b": SECRET_B}, "b", created={"a": 1.0, "b": 2.0})
+    ring = Keyring({"a": SECRET_A, "b": SECRET_B, "c": SECRET_A[::-1]}, "b",
+                   created={"a": 1.0, "b": 2.0, "c": 3.0}, states={"a": "previous"})
     context.set_spawning_popen(object())
     try:
         data = pickle.dumps(ring)
@@ -423,6 +667,7 @@ def test_pickling_while_spawning() -> None:
         context.set_spawning_popen(None)
     copied = pickle.loads(data)
     assert ring.to_json() == copied.to_json()
+    assert ring.describe() == copied.describe()
     assert Codec(copied).loads(Codec(ring).dumps("x")) == "x"
 
 

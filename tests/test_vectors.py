@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import importlib.util
 import json
 import pickle
@@ -16,6 +18,7 @@ import pytest
 
 import signedqueue
 from signedqueue import Codec, Keyring, RejectedFrame
+from signedqueue._keys import MAC_KEY_INFO, derive_mac_key
 
 VECTORS = Path(__file__).parent / "vectors"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -112,6 +115,50 @@ def test_invalid_unseal(vector: dict[str, Any]) -> None:
         assert ref.parse(frame).payload == codec.unseal(frame)
 
 
+# -- key derivation --------------------------------------------------------------
+
+
+@json_parametrize("keys.json")
+def test_derive_mac_key(vector: dict[str, Any]) -> None:
+    """derive_mac_key turns each stored secret into exactly the vector's MAC key."""
+    secret = bytes.fromhex(vector["secret"])
+    assert base64.b64decode(vector["secret_base64"]) == secret
+    assert vector["hkdf"] == {
+        "hash": "sha256", "salt": None, "info": MAC_KEY_INFO.decode(), "length": 32
+    }
+    assert len(bytes.fromhex(vector["mac_key"])) == 32
+    assert bytes.fromhex(vector["mac_key"]) == derive_mac_key(secret)
+
+
+@json_parametrize("keys.json")
+def test_frames_are_tagged_with_the_vector_mac_key(vector: dict[str, Any]) -> None:
+    """A ring holding the secret (as bytes or in a keyring document) tags with that MAC key."""
+    secret = bytes.fromhex(vector["secret"])
+    mac_key = bytes.fromhex(vector["mac_key"])
+    document = json.dumps({
+        "format": "signedqueue-keyring",
+        "version": 1,
+        "keys": {"v": {"secret": vector["secret_base64"], "state": "active", "created": 0}},
+    })
+    for ring in (Keyring({"v": secret}, "v"), Keyring.from_json(document)):
+        frame = Codec(ring, context=b"ctx").dumps([vector["id"]])
+        assert hmac.new(mac_key, frame[:-32] + b"ctx", hashlib.sha256).digest() == frame[-32:]
+
+
+def test_key_vectors_cover_every_size() -> None:
+    """keys.json holds secrets of 16, 32 and 64 bytes."""
+    sizes = {len(bytes.fromhex(v["secret"])) for v in load_vectors("keys.json")}
+    assert sizes == {16, 32, 64}
+
+
+@pytest.mark.parametrize("case", ref.RFC5869_CASES, ids=["A.1", "A.2", "A.3"])
+def test_reference_hkdf_follows_rfc5869(case: tuple[str, str, str, int, str]) -> None:
+    """The reference's own HKDF reproduces RFC 5869's SHA-256 test cases."""
+    ikm, salt, info, length, okm = case
+    got = ref.hkdf_sha256(bytes.fromhex(ikm), bytes.fromhex(salt), bytes.fromhex(info), length)
+    assert okm == got.hex()
+
+
 # -- the vector files themselves -------------------------------------------------
 
 
@@ -121,7 +168,7 @@ def test_vector_files_are_the_reference_output() -> None:
         assert text == (VECTORS / name).read_text(encoding="utf-8"), name
 
 
-@pytest.mark.parametrize("filename", ["frames_valid.json", "frames_invalid.json"])
+@pytest.mark.parametrize("filename", ["frames_valid.json", "frames_invalid.json", "keys.json"])
 def test_vector_fields(filename: str) -> None:
     """Every vector is described, and every error it names is a RejectedFrame class."""
     vectors = load_vectors(filename)

@@ -69,3 +69,17 @@ except RejectedFrame as exc:
     kid: str | None = exc.key_id
 
 base: type[Exception] = signedqueue.SignedQueueError
+
+# Key management.
+staged: str = ring.add()
+ring.promote(staged)
+for info in ring.describe():
+    kid2: str = info.key_id
+    state: str = info.state
+    made: float = info.created
+watched: Keyring = Keyring.from_file("ring.json", watch=True, watch_interval=0.5)
+from_dir: Keyring = Keyring.from_directory("/etc/keys", watch=True)
+resealed: bytes = codec.reseal(frame)
+header: signedqueue.FrameInfo = codec.verify(frame)
+signer: str = header.key_id
+keyring_error: type[ValueError] = signedqueue.KeyringError

@@ -10,8 +10,8 @@ admits only allowlisted globals.
 
 from __future__ import annotations
 
-from ._codec import DEFAULT_CLOCK_SKEW, DEFAULT_MAX_FRAME_SIZE, Codec
-from ._keys import Keyring
+from ._codec import DEFAULT_CLOCK_SKEW, DEFAULT_MAX_FRAME_SIZE, Codec, FrameInfo
+from ._keys import KeyInfo, Keyring
 from ._queue import SignedJoinableQueue, SignedQueue
 from ._wrap import UnprotectedTransportWarning, WrappedQueue, wrap
 from .exceptions import (
@@ -33,8 +33,10 @@ __all__ = [
     "Codec",
     "ExpiredFrame",
     "ForbiddenClass",
+    "FrameInfo",
     "FrameTooLarge",
     "InvalidSignature",
+    "KeyInfo",
     "Keyring",
     "KeyringError",
     "MalformedFrame",

@@ -10,6 +10,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from . import _cli_keys
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -27,6 +29,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--producers", type=int, default=2, help="producer processes (default 2)")
     demo.add_argument("--consumers", type=int, default=2, help="consumer processes (default 2)")
     demo.add_argument("--count", type=int, default=2000, help="orders per producer (default 2000)")
+    _cli_keys.add_parser(sub)
     return parser
 
 
@@ -47,5 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run(sys.stdout, producers=args.producers, consumers=args.consumers,
                    count=args.count)
+    if args.command == "keys":
+        return _cli_keys.run(args)
     parser.print_help()
     return 2

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from . import _frame
@@ -39,7 +40,7 @@ from .exceptions import (
     UnknownKey,
 )
 
-__all__ = ["DEFAULT_CLOCK_SKEW", "DEFAULT_MAX_FRAME_SIZE", "Codec"]
+__all__ = ["DEFAULT_CLOCK_SKEW", "DEFAULT_MAX_FRAME_SIZE", "Codec", "FrameInfo"]
 
 logger = logging.getLogger("signedqueue")
 
@@ -52,6 +53,24 @@ DEFAULT_CLOCK_SKEW = 60.0
 _LARGE = 64 * 1024
 
 Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class FrameInfo:
+    """The header of a verified frame (see :meth:`Codec.verify`)."""
+
+    #: The id of the key that signed it.
+    key_id: str
+    #: When it was made, in Unix seconds (millisecond resolution).
+    created: float
+    #: ``"pickle"``, ``"msgpack"`` or ``"cloudpickle"``.
+    serializer: str
+    #: The serializer parameter: the pickle protocol, 0 for msgpack.
+    param: int
+    #: The frame's 16 random bytes.
+    nonce: bytes
+    #: Payload size in bytes.
+    payload_size: int
 
 
 class Codec:
@@ -217,15 +236,25 @@ class Codec:
         """
         return self._seal(payload, self._serializer.param_for(payload))
 
-    def _seal(self, payload: Buffer, param: int) -> bytes:
+    def _seal(
+        self,
+        payload: Buffer,
+        param: int,
+        created_ms: int | None = None,
+        nonce: bytes | None = None,
+    ) -> bytes:
         key_id, key = self._keyring._signing()
         prefix = self._prefixes.get((key_id, param))
         if prefix is None:
+            if len(self._prefixes) > 64:  # keys rotated many times
+                self._prefixes.clear()
             prefix = _frame.header_prefix(self._serializer.id, param, key_id)
             self._prefixes[(key_id, param)] = prefix
         size = len(payload)
         header = prefix + _frame.header_suffix(
-            int(self._clock() * 1000), os.urandom(_frame.NONCE_SIZE), size
+            int(self._clock() * 1000) if created_ms is None else created_ms,
+            os.urandom(_frame.NONCE_SIZE) if nonce is None else nonce,
+            size,
         )
         if size + len(header) + _frame.TAG_SIZE > self._max_frame_size:
             raise ValueError(
@@ -243,6 +272,39 @@ class Codec:
         if ctx:
             mac.update(ctx)
         return b"".join((header, payload, mac.digest()))
+
+    def reseal(self, frame: Buffer) -> bytes:
+        """
+        Verify *frame* and sign it again under the active key, keeping its
+        creation time, nonce and payload (which is not deserialized).
+
+        For backlogs stored in brokers or on disk before a key is retired.
+        Raises what :meth:`loads` raises for a frame that does not verify
+        (including :class:`ExpiredFrame` past ``max_age``).
+        """
+        try:
+            header, payload = self._open(frame)
+        except RejectedFrame as exc:
+            raise self._refused(exc, frame) from None
+        return self._seal(payload, header.param, header.created_ms, header.nonce)
+
+    def verify(self, frame: Buffer) -> FrameInfo:
+        """
+        Verify *frame* as :meth:`loads` does, without deserializing it, and
+        return what its header says.
+        """
+        try:
+            header, payload = self._open(frame)
+        except RejectedFrame as exc:
+            raise self._refused(exc, frame) from None
+        return FrameInfo(
+            key_id=header.key_id.decode("ascii"),
+            created=header.created_ms / 1000.0,
+            serializer=_frame.SERIALIZER_NAMES[header.serializer],
+            param=header.param,
+            nonce=header.nonce,
+            payload_size=len(payload),
+        )
 
     # -- consuming ---------------------------------------------------------
 

@@ -4,8 +4,8 @@ Exceptions raised by signedqueue.
 The tree::
 
     SignedQueueError            base class; never raised directly
-    ├── KeyringError            a keyring document or variable is invalid,
-    │                           unset, or in a file others can read
+    ├── KeyringError            a keyring cannot be loaded (invalid, unset,
+    │                           readable by others) or changed that way
     └── RejectedFrame           an incoming frame was refused (.frame, .reason)
         ├── FrameTooLarge       larger than max_frame_size; nothing was hashed
         ├── MalformedFrame      not a well-formed v1 frame, or a payload the
@@ -47,12 +47,13 @@ class SignedQueueError(Exception):
     """
 
 
-class KeyringError(SignedQueueError):
+class KeyringError(SignedQueueError, ValueError):
     """
-    A keyring could not be loaded: the document is not a valid keyring
-    document, the environment variable is unset or empty, or the file grants
-    permissions to group or others.  (A file that cannot be opened raises the
-    usual ``OSError``.)
+    A keyring could not be loaded or changed: the document or directory is
+    not a valid keyring, the environment variable is unset or empty, the file
+    grants permissions to group or others, or the change would break the
+    fleet (retiring the active key, two active keys).  (A file that cannot be
+    opened raises the usual ``OSError``; an unknown key id, ``KeyError``.)
     """
 
 

@@ -1,12 +1,14 @@
 #!/usr/bin/env python3
 """
 Reference implementation of signedqueue wire format v1, and the generator of
-the test vectors beside it (frames_valid.json, frames_invalid.json).
+the test vectors beside it (frames_valid.json, frames_invalid.json, keys.json).
 
 This file is written from the format specification alone and deliberately
 does not import signedqueue: the library is checked against these vectors,
 never the other way round.  It uses only struct, hmac, hashlib and the HKDF of
-the cryptography package.  Everything is fixed (secrets, nonces, creation
+the cryptography package; the key derivation vectors are computed by an HKDF
+written here from RFC 5869 (checked against the RFC's own test cases) and
+cross-checked with the cryptography package's.  Everything is fixed (secrets, nonces, creation
 times, the consumer's clock), so the output is byte-for-byte reproducible.
 
 Usage::
@@ -28,6 +30,7 @@ The format, in brief::
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import hmac
 import json
@@ -62,6 +65,59 @@ DEFAULT_MAX_FRAME_SIZE = 128 * 1024 * 1024
 def mac_key(secret: bytes) -> bytes:
     """The frame MAC key: HKDF-SHA256 over the stored secret."""
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=INFO).derive(secret)
+
+
+def hkdf_sha256(ikm: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:
+    """HKDF-SHA256 (RFC 5869) from hmac alone: extract, then expand."""
+    if not 0 < length <= 255 * 32:
+        raise ValueError("HKDF-SHA256 output length must be 1..8160 bytes")
+    prk = hmac.new(bytes(32) if salt is None else salt, ikm, hashlib.sha256).digest()
+    okm, block = b"", b""
+    for counter in range(1, -(-length // 32) + 1):
+        block = hmac.new(prk, block + info + bytes([counter]), hashlib.sha256).digest()
+        okm += block
+    return okm[:length]
+
+
+#: RFC 5869 appendix A, test cases 1 to 3 (SHA-256): (IKM, salt, info, L, OKM).
+RFC5869_CASES = [
+    (
+        "0b" * 22,
+        "000102030405060708090a0b0c",
+        "f0f1f2f3f4f5f6f7f8f9",
+        42,
+        "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf"
+        "34007208d5b887185865",
+    ),
+    (
+        bytes(range(0x50)).hex(),
+        bytes(range(0x60, 0xB0)).hex(),
+        bytes(range(0xB0, 0x100)).hex(),
+        82,
+        "b11e398dc80327a1c8e7f78c596a49344f012eda2d4efad8a050cc4c19afa97c"
+        "59045a99cac7827271cb41c65e590e09da3275600c2f09b8367793a9aca3db71"
+        "cc30c58179ec3e87c14c01d5c1f3434f1d87",
+    ),
+    (
+        "0b" * 22,
+        "",
+        "",
+        42,
+        "8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d"
+        "9d201395faa4b61a96c8",
+    ),
+]
+
+
+def check_hkdf() -> None:
+    """The RFC 5869 HKDF above reproduces the RFC's test cases, and agrees with mac_key."""
+    for ikm, salt, info, length, okm in RFC5869_CASES:
+        got = hkdf_sha256(bytes.fromhex(ikm), bytes.fromhex(salt), bytes.fromhex(info), length)
+        if got.hex() != okm:
+            raise AssertionError(f"hkdf_sha256 fails RFC 5869 case with OKM {okm[:16]}...")
+    for secret in (bytes(16), bytes(range(32)), b"\xff" * 64):
+        if hkdf_sha256(secret, None, INFO, 32) != mac_key(secret):
+            raise AssertionError("hkdf_sha256 and the cryptography HKDF disagree")
 
 
 def compute_tag(secret: bytes, signed: bytes, context: bytes) -> bytes:
@@ -579,6 +635,38 @@ def invalid_vectors() -> list[dict[str, Any]]:
     return out
 
 
+# -- key derivation ------------------------------------------------------------
+
+
+def key_vectors() -> list[dict[str, Any]]:
+    """Stored secrets of several sizes and the frame MAC key derived from each."""
+    check_hkdf()
+    secrets = [
+        ("secret-16", "a 16-byte secret, the shortest a keyring accepts",
+         hashlib.sha256(b"signedqueue key vector 16").digest()[:16]),
+        ("secret-32", "a 32-byte secret, the size Keyring.generate() makes",
+         hashlib.sha256(b"signedqueue key vector 32").digest()),
+        ("secret-64", "a 64-byte secret, as long as a SHA-256 block",
+         hashlib.sha512(b"signedqueue key vector 64").digest()),
+        ("secret-worked-example", "the secret of the worked example, bytes 0 to 31",
+         DEMO_SECRET),
+    ]
+    out = []
+    for vid, desc, secret in secrets:
+        derived = hkdf_sha256(secret, None, INFO, 32)
+        if derived != mac_key(secret) or derived == secret[:32]:
+            raise AssertionError(f"{vid}: the two HKDF implementations disagree")
+        out.append({
+            "id": vid,
+            "desc": desc,
+            "secret": secret.hex(),
+            "secret_base64": base64.b64encode(secret).decode("ascii"),
+            "hkdf": {"hash": "sha256", "salt": None, "info": INFO.decode("ascii"), "length": 32},
+            "mac_key": derived.hex(),
+        })
+    return out
+
+
 # -- output ------------------------------------------------------------------
 
 HEADER = {
@@ -600,6 +688,7 @@ def documents() -> dict[str, str]:
     return {
         "frames_valid.json": dump("valid", valid_vectors()),
         "frames_invalid.json": dump("invalid", invalid_vectors()),
+        "keys.json": dump("key-derivation", key_vectors()),
     }
 
 
