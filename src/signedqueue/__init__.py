@@ -10,8 +10,18 @@ admits only allowlisted globals.
 
 from __future__ import annotations
 
-from ._codec import DEFAULT_CLOCK_SKEW, DEFAULT_MAX_FRAME_SIZE, Codec, FrameInfo
+from ._allowlist import Allowlist
+from ._audit import AuditReport
+from ._codec import (
+    DEFAULT_CLOCK_SKEW,
+    DEFAULT_MAX_FRAME_SIZE,
+    AuditModeWarning,
+    Codec,
+    FrameInfo,
+)
+from ._config import Config, ConfigError, load_config
 from ._keys import KeyInfo, Keyring
+from ._presets import PRESETS
 from ._queue import SignedJoinableQueue, SignedQueue
 from ._wrap import UnprotectedTransportWarning, WrappedQueue, wrap
 from .exceptions import (
@@ -30,7 +40,13 @@ from .exceptions import (
 __all__ = [
     "DEFAULT_CLOCK_SKEW",
     "DEFAULT_MAX_FRAME_SIZE",
+    "PRESETS",
+    "Allowlist",
+    "AuditModeWarning",
+    "AuditReport",
     "Codec",
+    "Config",
+    "ConfigError",
     "ExpiredFrame",
     "ForbiddenClass",
     "FrameInfo",
@@ -48,6 +64,7 @@ __all__ = [
     "UnknownKey",
     "UnprotectedTransportWarning",
     "WrappedQueue",
+    "load_config",
     "wrap",
 ]
 

@@ -25,12 +25,13 @@ import importlib
 import logging
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import Any, Union
 
 __all__ = [
     "DANGEROUS_MODULES",
+    "Allowlist",
     "DANGEROUS_NAMES",
     "DEFAULT_ALLOW",
     "AllowEntry",
@@ -219,10 +220,14 @@ class Policy:
 
     def __init__(
         self,
-        allow: Iterable[AllowEntry] | None = None,
+        allow: Allowlist | Iterable[AllowEntry] | None = None,
         *,
         unsafe_allow_dangerous: Iterable[str] = (),
+        audit: bool = False,
+        audit_sink: Callable[[str], None] | None = None,
     ) -> None:
+        allowlist = allow if isinstance(allow, Allowlist) else Allowlist(allow or ())
+        self.allowlist = allowlist
         exact: set[tuple[str, str]] = set()
         wildcards: set[str] = set()
         unsafe = {_parse_entry(e) for e in unsafe_allow_dangerous}
@@ -236,9 +241,9 @@ class Policy:
                 "can run code in this process",
                 sorted(entry_for(m, q) for m, q in unsafe),
             )
-        for default in DEFAULT_ALLOW:
-            exact.add(_parse_entry(default))
-        for entry in allow or ():
+        for preset in allowlist.preset_globals():
+            exact.add(_parse_entry(preset))
+        for entry in allowlist.entries:
             module, qualname = _parse_entry(entry)
             if qualname == "*":
                 if module == "builtins" or _module_matches(module, DANGEROUS_MODULES):
@@ -260,13 +265,24 @@ class Policy:
         self._wildcards = frozenset(wildcards)
         self._unsafe = frozenset(unsafe)
         self._cache: dict[tuple[str, str], Any] = {}
+        #: Audit mode: globals outside the allowlist (never dangerous ones) are
+        #: admitted and counted here, by the allow= entry that would admit them.
+        self.audit = audit
+        self.audit_sink = audit_sink
+        self.audited: dict[str, int] = {}
+        self._audited_keys: dict[tuple[str, str], str] = {}
 
     def __repr__(self) -> str:
-        extra = sorted(
-            entry_for(m, q) for m, q in self._exact
-            if f"{m}.{q}" not in DEFAULT_ALLOW
-        ) + sorted(f"{m}.*" for m in self._wildcards)
-        return f"<Policy default+{extra!r}>"
+        mode = " AUDIT" if self.audit else ""
+        return f"<Policy{mode} {self.allowlist!r}>"
+
+    def check(self, module: str, name: str) -> Refusal | None:
+        """The refusal ``resolve`` would raise (ignoring audit mode), or None."""
+        try:
+            self._resolve(module, name, audit=False)
+        except Refusal as refusal:
+            return refusal
+        return None
 
     def resolve(self, module: str, name: str) -> Any:
         """
@@ -276,14 +292,25 @@ class Policy:
         """
         key = (module, name)
         try:
-            return self._cache[key]
+            obj = self._cache[key]
         except KeyError:
-            pass
-        obj = self._resolve(module, name)
-        self._cache[key] = obj
+            obj = self._resolve(module, name, audit=self.audit)
+            self._cache[key] = obj
+        if self._audited_keys:
+            entry = self._audited_keys.get(key)
+            if entry is not None:
+                count = self.audited.get(entry, 0)
+                self.audited[entry] = count + 1
+                if not count:
+                    logger.warning(
+                        "signedqueue: AUDIT MODE loaded %s, which the allowlist "
+                        "refuses; to admit it, add allow=[%r]", entry, entry,
+                    )
+                    if self.audit_sink is not None:
+                        self.audit_sink(entry)
         return obj
 
-    def _resolve(self, module: str, name: str) -> Any:
+    def _resolve(self, module: str, name: str, *, audit: bool) -> Any:
         if (
             len(module) + len(name) > MAX_NAME_LENGTH
             or not _MODULE_RE.match(module)
@@ -302,6 +329,10 @@ class Policy:
                 "arguments can run code, touch files or exhaust memory",
                 None,
             )
+        if not exact and audit and module not in self._wildcards:
+            # Audit mode: admitted as if by the exact entry, and counted.
+            exact = True
+            self._audited_keys[key] = shown
         if not exact:
             if module not in self._wildcards:
                 raise Refusal(shown, "is not in the allowlist", shown)
@@ -377,3 +408,89 @@ class Policy:
             except AttributeError:
                 raise Refusal(shown, "does not exist", None) from None
         return obj
+
+
+class Allowlist:
+    """
+    What a restricted unpickler admits: presets plus your own entries.
+
+    Args:
+        entries: ``"pkg.mod.Name"``, ``"pkg.mod:Outer.Inner"``, ``"pkg.mod.*"``
+            or class and function objects.
+        presets: Named sets of globals (see :data:`signedqueue.PRESETS`):
+            ``"stdlib"`` (the default safe set) and ``"numpy"``.
+
+    Allowlists are immutable and compose with ``|``::
+
+        Allowlist.preset("numpy") | Allowlist(["myapp.models.*"])
+
+    ``allow=[...]`` on a codec means ``Allowlist([...])``: your entries plus
+    the ``stdlib`` preset.
+    """
+
+    __slots__ = ("entries", "presets")
+
+    def __init__(
+        self, entries: Iterable[AllowEntry] = (), *, presets: Iterable[str] = ("stdlib",)
+    ) -> None:
+        from ._presets import PRESETS
+
+        names = set()
+        for name in presets:
+            if name not in PRESETS:
+                raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+            names.add(name)
+        texts = set()
+        for entry in entries:
+            module, qualname = _parse_entry(entry)
+            texts.add(f"{module}.*" if qualname == "*" else entry_for(module, qualname))
+        #: The preset names, sorted.
+        self.presets: tuple[str, ...] = tuple(sorted(names))
+        #: The user entries as text, sorted.
+        self.entries: tuple[str, ...] = tuple(sorted(texts))
+
+    @classmethod
+    def preset(cls, *names: str) -> Allowlist:
+        """Only the named presets (add ``"stdlib"`` to keep the default set)."""
+        return cls((), presets=names)
+
+    def __or__(self, other: Allowlist) -> Allowlist:
+        if not isinstance(other, Allowlist):
+            return NotImplemented
+        return Allowlist(self.entries + other.entries, presets=self.presets + other.presets)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Allowlist):
+            return NotImplemented
+        return (self.presets, self.entries) == (other.presets, other.entries)
+
+    def __hash__(self) -> int:
+        return hash((self.presets, self.entries))
+
+    def __repr__(self) -> str:
+        return f"Allowlist({list(self.entries)!r}, presets={list(self.presets)!r})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_make_allowlist, (self.entries, self.presets))
+
+    def preset_globals(self) -> frozenset[str]:
+        """Every global the presets admit."""
+        from ._presets import PRESETS
+
+        out: set[str] = set()
+        for name in self.presets:
+            out |= PRESETS[name]
+        return frozenset(out)
+
+    def to_toml(self) -> str:
+        """The allowlist as a ``[tool.signedqueue]`` TOML snippet."""
+        lines = ["[tool.signedqueue]"]
+        lines.append("presets = [" + ", ".join(f'"{p}"' for p in self.presets) + "]")
+        lines.append("allow = [")
+        lines.extend(f'    "{e}",' for e in self.entries)
+        lines.append("]")
+        return "\n".join(lines) + "\n"
+
+
+def _make_allowlist(entries: tuple[str, ...], presets: tuple[str, ...]) -> Allowlist:
+    return Allowlist(entries, presets=presets)

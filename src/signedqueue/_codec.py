@@ -15,14 +15,17 @@ import hmac
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from . import _frame
-from ._allowlist import AllowEntry, Policy, Refusal
+from ._allowlist import AllowEntry, Allowlist, Policy, Refusal
+from ._audit import AuditReport, append_sighting
 from ._keys import Keyring
 from ._msgpack import UnregisteredClass
+from ._scan import ScanError, pickle_globals
 from ._serializers import (
     DEFAULT_PROTOCOL,
     Serializer,
@@ -52,7 +55,14 @@ DEFAULT_CLOCK_SKEW = 60.0
 #: more; below it one contiguous copy is cheaper than three hash updates.
 _LARGE = 64 * 1024
 
+#: At most this many distinct globals are checked to list every refusal.
+_MAX_LISTED = 64
+
 Buffer = bytes | bytearray | memoryview
+
+
+class AuditModeWarning(UserWarning):
+    """A codec was built in audit mode: refused globals are loaded."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +123,7 @@ class Codec:
         keyring: Keyring,
         *,
         serializer: str = "pickle",
-        allow: Iterable[AllowEntry] | None = None,
+        allow: Allowlist | Iterable[AllowEntry] | None = None,
         max_age: float | None = None,
         context: bytes = b"",
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
@@ -122,6 +132,8 @@ class Codec:
         clock_skew: float = DEFAULT_CLOCK_SKEW,
         unsafe_trust_signed_frames: bool = False,
         unsafe_allow_dangerous: Iterable[str] = (),
+        unsafe_audit: bool = False,
+        audit_log: str | os.PathLike[str] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if not isinstance(keyring, Keyring):
@@ -134,7 +146,8 @@ class Codec:
             raise ValueError("clock_skew must be >= 0")
         if max_frame_size < _frame.MIN_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be at least {_frame.MIN_FRAME_SIZE}")
-        allow = list(allow) if allow is not None else None
+        if allow is not None and not isinstance(allow, Allowlist):
+            allow = Allowlist(allow)
         unsafe_allow_dangerous = list(unsafe_allow_dangerous)
         msgpack_types = list(msgpack_types)
         if serializer == "cloudpickle" and not unsafe_trust_signed_frames:
@@ -162,7 +175,28 @@ class Codec:
             )
             policy = None
         else:
-            policy = Policy(allow, unsafe_allow_dangerous=unsafe_allow_dangerous)
+            if audit_log is not None and not unsafe_audit:
+                raise ValueError("audit_log= needs unsafe_audit=True")
+            if unsafe_audit:
+                message = (
+                    "signedqueue: AUDIT MODE (unsafe_audit=True): globals outside the "
+                    "allowlist are LOADED and only logged; every key holder can "
+                    "construct any non-dangerous class in this process. Use it to "
+                    "learn an allowlist, then turn it off."
+                )
+                logger.warning(message)
+                warnings.warn(message, AuditModeWarning, stacklevel=2)
+            sink = None
+            if audit_log is not None:
+                log_path = os.fspath(audit_log)
+
+                def sink(entry: str) -> None:
+                    append_sighting(log_path, entry)
+
+            policy = Policy(
+                allow, unsafe_allow_dangerous=unsafe_allow_dangerous,
+                audit=unsafe_audit, audit_sink=sink,
+            )
         self._keyring = keyring
         self._serializer: Serializer = make_serializer(
             serializer, protocol=protocol, policy=policy, msgpack_types=msgpack_types
@@ -185,6 +219,8 @@ class Codec:
             clock_skew=clock_skew,
             unsafe_trust_signed_frames=unsafe_trust_signed_frames,
             unsafe_allow_dangerous=unsafe_allow_dangerous,
+            unsafe_audit=unsafe_audit,
+            audit_log=audit_log,
             clock=clock,
         )
 
@@ -214,6 +250,29 @@ class Codec:
     def __reduce__(self) -> tuple[Any, ...]:
         # The keyring refuses to be pickled except while spawning a process.
         return (_rebuild_codec, (self._keyring, self._options))
+
+    @classmethod
+    def from_config(
+        cls, keyring: Keyring, path: str | os.PathLike[str] = "pyproject.toml", **options: Any
+    ) -> Codec:
+        """
+        A codec with the settings of a TOML file (``[tool.signedqueue]`` in a
+        ``pyproject.toml``); keyword arguments override them.
+        """
+        from ._config import load_config
+
+        return cls(keyring, **{**load_config(path).codec_options(), **options})
+
+    def audit_report(self) -> AuditReport:
+        """
+        What this codec loaded in audit mode that its allowlist refuses (this
+        process only; merge a fleet's ``audit_log`` files with
+        :meth:`AuditReport.from_logs`).
+        """
+        policy = getattr(self._serializer, "policy", None)
+        if policy is None or not policy.audit:
+            raise ValueError("audit_report() needs a codec built with unsafe_audit=True")
+        return AuditReport(dict(policy.audited))
 
     # -- producing ---------------------------------------------------------
 
@@ -390,11 +449,31 @@ class Codec:
         try:
             return self._serializer.loads(payload, header.param)
         except Refusal as exc:
-            hint = f"; to admit it, add allow=[{exc.entry!r}]" if exc.entry else ""
+            refusals = self._all_refusals(payload, exc)
+            entries = [r.entry for r in refusals if r.entry]
+            hint = f"; to admit them, add allow={entries!r}" if entries else ""
+            if len(refusals) == 1:
+                hint = f"; to admit it, add allow=[{exc.entry!r}]" if exc.entry else ""
+                message = f"refused global {exc.name!r}: it {exc.why}{hint}"
+            else:
+                message = (
+                    f"refused {len(refusals)} globals: "
+                    + "; ".join(f"{r.name!r} {r.why}" for r in refusals)
+                    + hint
+                )
+            from ._presets import PRESETS
+
+            wanted = {r.name for r in refusals}
+            covering = sorted(p for p, names in PRESETS.items() if wanted & names)
+            if entries and covering and covering != ["stdlib"]:
+                message += (
+                    f" (or use the {', '.join(map(repr, covering))} preset: "
+                    f"allow=Allowlist(presets={sorted({'stdlib', *covering})!r}))"
+                )
             raise ForbiddenClass(
-                f"refused global {exc.name!r}: it {exc.why}{hint}",
-                names=[exc.name],
-                allow_entries=[exc.entry],
+                message,
+                names=[r.name for r in refusals],
+                allow_entries=[r.entry for r in refusals],
             ) from None
         except GlobalModified as exc:
             raise ForbiddenClass(
@@ -430,6 +509,22 @@ class Codec:
                 f"{self._serializer.name} payload could not be loaded "
                 f"({type(exc).__name__})"
             ) from None
+
+    def _all_refusals(self, payload: memoryview, first: Refusal) -> list[Refusal]:
+        """Every global of the payload the policy refuses, the first one first."""
+        policy = getattr(self._serializer, "policy", None)
+        refusals = [first]
+        if policy is None:
+            return refusals
+        try:
+            names = pickle_globals(payload)
+        except ScanError:
+            return refusals
+        for module, name in names[:_MAX_LISTED]:
+            refusal = policy.check(module, name)
+            if refusal is not None and refusal.name not in {r.name for r in refusals}:
+                refusals.append(refusal)
+        return refusals
 
     def _refused(self, exc: RejectedFrame, frame: Buffer) -> RejectedFrame:
         view = memoryview(frame).cast("B")

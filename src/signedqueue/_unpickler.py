@@ -247,6 +247,33 @@ except ImportError:  # pragma: no cover
     pass
 
 
+_PRESET_CHECKS: dict[Any, Callable[[Any, _Budget, tuple[Any, ...], dict[str, Any]], Any]] = {}
+
+
+def _preset_check(
+    obj: Any,
+) -> Callable[[Any, _Budget, tuple[Any, ...], dict[str, Any]], Any] | None:
+    """The guard of a preset global (numpy), looked up once its module is imported."""
+    check = _PRESET_CHECKS.get(obj)
+    if check is None:
+        from ._presets import PresetRefused, preset_guards
+
+        for target, guard in preset_guards().items():
+            if target not in _PRESET_CHECKS:
+                def checked(
+                    fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any],
+                    guard: Any = guard,
+                ) -> Any:
+                    try:
+                        return guard(fn, args, kw)
+                    except PresetRefused as exc:
+                        raise GuardRefused(str(exc)) from None
+
+                _PRESET_CHECKS[target] = checked
+        check = _PRESET_CHECKS.get(obj)
+    return check
+
+
 class Guard:
     """
     A checked stand-in for an admitted constructor, used only while loading.
@@ -391,6 +418,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         obj = self._policy.resolve(module, name)
         try:
             check = _CHECKS.get(obj)
+            if check is None and module.startswith("numpy"):
+                check = _preset_check(obj)
         except TypeError:  # unhashable object
             check = None
         if check is not None:
