@@ -12,9 +12,12 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
+import typing
 import uuid
-from typing import Any, NamedTuple
+from collections.abc import Sequence
+from typing import Any, Generic, NamedTuple, TypeVar
 
+import attrs
 import msgpack
 import pytest
 
@@ -183,7 +186,7 @@ def test_registered_classes(mp: Codec) -> None:
 def test_unregistered_class(ring: Keyring, mp: Codec) -> None:
     """An unregistered class is a TypeError on dumps and ForbiddenClass on loads."""
     plain = Codec(ring, serializer="msgpack")
-    with pytest.raises(TypeError, match="register dataclasses and NamedTuples"):
+    with pytest.raises(TypeError, match="register dataclasses, attrs classes and NamedTuples"):
         plain.dumps(Reading("a", 1.0))
     frame = mp.dumps(Reading("a", 1.0))
     with pytest.raises(ForbiddenClass, match="not registered") as info:
@@ -234,9 +237,353 @@ def test_registered_fields_validated(mp: Codec, inner: Any) -> None:
 
 @pytest.mark.parametrize("bad", [int, dict, "pkg.Class", object()], ids=str)
 def test_registration_takes_dataclasses_and_namedtuples(ring: Keyring, bad: Any) -> None:
-    """Only dataclasses and NamedTuples can be registered."""
+    """Only dataclasses, attrs classes and NamedTuples can be registered."""
     with pytest.raises(TypeError, match=r"register|takes classes"):
         Codec(ring, serializer="msgpack", msgpack_types=[bad])
+
+
+# -- registered classes: kinds, fields and validation ---------------------------------------
+
+CALLS: list[str] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """A frozen dataclass."""
+
+    x: float
+    y: float
+
+
+@dataclasses.dataclass
+class Shape:
+    """A dataclass holding other registered classes."""
+
+    name: str
+    points: list[Point]
+    origin: Point | None = None
+
+
+@attrs.define
+class Account:
+    """An attrs class with a private attribute, an explicit alias and a validator."""
+
+    _owner: str
+    balance: int = attrs.field(validator=attrs.validators.ge(0))
+    note: str = attrs.field(default="", alias="memo")
+
+
+@attrs.frozen
+class Stamp:
+    """A frozen attrs class."""
+
+    label: str
+    at: datetime.datetime
+
+
+class Span(NamedTuple):
+    """A NamedTuple with a default."""
+
+    start: int
+    end: int = 0
+
+
+@dataclasses.dataclass
+class Typed:
+    """A dataclass with a field of every checked kind, and a few unchecked ones."""
+
+    i: int
+    f: float
+    c: complex
+    s: str
+    b: bytes
+    ba: bytearray
+    flag: bool
+    nothing: None
+    when: datetime.datetime
+    day: datetime.date
+    at: datetime.time
+    span: datetime.timedelta
+    amount: decimal.Decimal
+    ident: uuid.UUID
+    point: Point
+    ints: list[int]
+    counts: dict[str, int]
+    pair: tuple[int, str]
+    many: tuple[int, ...]
+    empty: tuple[()]
+    names: set[str]
+    frozen: frozenset[int]
+    bare: list  # type: ignore[type-arg]
+    old: typing.List[int]  # noqa: UP006
+    either: int | str
+    opt: typing.Optional[int]  # noqa: UP045
+    anything: Any
+    seq: Sequence[int]
+
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass
+class Box(Generic[T]):
+    """A generic dataclass: a TypeVar field is not checked."""
+
+    item: T
+
+
+@dataclasses.dataclass
+class Partial:
+    """A dataclass with an annotation that does not resolve."""
+
+    known: int
+    unknown: Undefined  # type: ignore[name-defined]  # noqa: F821
+
+
+@dataclasses.dataclass
+class Watched:
+    """A dataclass whose __post_init__ records that it ran, and refuses negative counts."""
+
+    count: int
+
+    def __post_init__(self) -> None:
+        CALLS.append("Watched")
+        if self.count < 0:
+            raise ValueError(f"SECRET negative count {self.count}")
+
+
+@dataclasses.dataclass
+class Outer:
+    """A dataclass holding a Watched."""
+
+    inner: Watched
+    label: str
+
+
+KINDS = [Point, Shape, Account, Stamp, Span, Typed, Box, Partial, Watched, Outer]
+
+
+@pytest.fixture
+def kinds(ring: Keyring) -> Codec:
+    """A msgpack codec with every kind of registered class."""
+    return Codec(ring, serializer="msgpack", msgpack_types=KINDS)
+
+
+def typed() -> Typed:
+    """A Typed whose every field matches its annotation."""
+    return Typed(
+        i=1, f=1.5, c=complex(1.0, 2.0), s="s", b=b"b", ba=bytearray(b"ba"), flag=True,
+        nothing=None, when=datetime.datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC),
+        day=datetime.date(2024, 1, 2), at=datetime.time(3, 4), span=datetime.timedelta(1),
+        amount=decimal.Decimal("1.50"), ident=uuid.UUID(int=7), point=Point(1.0, 2.0),
+        ints=[1, 2], counts={"a": 1}, pair=(1, "one"), many=(1, 2, 3), empty=(), names={"n"},
+        frozen=frozenset({1}), bare=[1, "x"], old=[3], either="e", opt=None,
+        anything={"any": [b"thing"]}, seq=[1],
+    )
+
+
+def registered(name: str, fields: dict[str, Any]) -> bytes:
+    """A registered-class extension value naming *name* (of this module) with *fields*."""
+    return ext(EXT["registered"], [f"{__name__}.{name}", fields])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        Point(1.0, -2.5),
+        Shape("tri", [Point(0.0, 0.0), Point(1.0, 1.0)], Point(0.5, 0.5)),
+        Shape("empty", []),
+        Account("ann", 10, memo="m"),
+        Stamp("t", datetime.datetime(2024, 5, 6, tzinfo=UTC)),
+        Span(3),
+        Span(3, 9),
+        Box(Span(1, 2)),
+        Box("anything"),
+        Partial(1, "unchecked"),
+        Outer(Watched(2), "o"),
+    ],
+    ids=lambda v: type(v).__name__,
+)
+def test_registered_kinds_round_trip(kinds: Codec, value: Any) -> None:
+    """Dataclasses (frozen too), attrs classes and NamedTuples round-trip, nested too."""
+    loaded = kinds.loads(kinds.dumps(value))
+    assert type(value) is type(loaded)
+    assert value == loaded
+
+
+def test_every_checked_kind_round_trips(kinds: Codec) -> None:
+    """A value matching every checked annotation loads; a bytearray field loads as bytes."""
+    loaded = kinds.loads(kinds.dumps(typed()))
+    assert dataclasses.replace(typed(), ba=b"ba") == loaded
+    assert bytes is type(loaded.ba)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("f", 3), ("c", 2), ("c", 2.5), ("day", datetime.datetime(2024, 1, 2)), ("opt", 4),
+     ("either", 5), ("many", ()), ("old", []), ("seq", [1, "x"]), ("anything", None),
+     ("point", Point(0, 0))],
+    ids=["int-for-float", "int-for-complex", "float-for-complex", "datetime-for-date",
+         "optional-set", "union-other-member", "empty-variadic", "typing-list",
+         "abc-generic-unchecked", "any", "point-of-ints"],
+)
+def test_annotations_accept(kinds: Codec, field: str, value: Any) -> None:
+    """Values a field's annotation admits load, including the documented widenings."""
+    value_in = dataclasses.replace(typed(), **{field: value})
+    assert getattr(kinds.loads(kinds.dumps(value_in)), field) == value
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("i", True), ("i", "SECRET"), ("i", 1.0), ("f", False), ("f", "SECRET"),
+     ("c", "SECRET"), ("s", b"SECRET"), ("b", "SECRET"), ("ba", "SECRET"), ("flag", 1),
+     ("nothing", 0), ("when", datetime.date(2024, 1, 2)), ("day", "SECRET"), ("at", 1),
+     ("span", 1), ("amount", 1.5), ("ident", "SECRET"), ("point", Span(1, 2)),
+     ("point", {"x": 1.0, "y": 2.0}), ("ints", [1, "SECRET"]), ("ints", (1, 2)),
+     ("counts", {"a": "SECRET"}), ("counts", {1: 1}), ("pair", (1, 2)), ("pair", (1,)),
+     ("pair", [1, "SECRET"]), ("many", (1, "SECRET")), ("empty", (1,)), ("names", {1}),
+     ("names", frozenset({"SECRET"})), ("frozen", {1}), ("bare", (1,)),
+     ("old", ["SECRET"]), ("either", 1.5), ("opt", "SECRET")],
+    ids=lambda v: str(v)[:20],
+)
+def test_annotations_refuse(kinds: Codec, field: str, value: Any) -> None:
+    """A field whose value does not match its annotation is MalformedFrame naming it, not it."""
+    frame = kinds.dumps(dataclasses.replace(typed(), **{field: value}))
+    expected = rf"field '{field}' of {__name__}\.Typed does not match its annotation"
+    with pytest.raises(MalformedFrame, match=expected) as info:
+        kinds.loads(frame)
+    assert "SECRET" not in str(info.value)
+
+
+def test_nested_registered_field_types(kinds: Codec) -> None:
+    """Fields holding registered classes check the class, inside containers too."""
+    with pytest.raises(MalformedFrame, match="field 'points' of"):
+        kinds.loads(kinds.dumps(Shape("s", [Point(0.0, 0.0), Span(1, 2)])))  # type: ignore[list-item]
+    with pytest.raises(MalformedFrame, match="field 'origin' of"):
+        kinds.loads(kinds.dumps(Shape("s", [], Span(1, 2))))  # type: ignore[arg-type]
+
+
+def test_unresolvable_annotation_not_checked(kinds: Codec) -> None:
+    """An annotation that does not resolve is not checked; the class's others still are."""
+    assert Partial(1, b"x") == kinds.loads(kinds.dumps(Partial(1, b"x")))
+    with pytest.raises(MalformedFrame, match="field 'known' of"):
+        kinds.loads(kinds.dumps(Partial("x", 1)))  # type: ignore[arg-type]
+
+
+def test_attrs_wire_carries_init_arguments(kinds: Codec) -> None:
+    """An attrs class travels as its init arguments: private names without "_", aliases."""
+    frame = kinds.dumps(Account("ann", 5, memo="m"))
+    inner: list[Any] = []
+    msgpack.unpackb(
+        kinds.unseal(frame), ext_hook=lambda code, data: inner.append(msgpack.unpackb(data))
+    )
+    assert [[f"{__name__}.Account", {"owner": "ann", "balance": 5, "memo": "m"}]] == inner
+    with pytest.raises(MalformedFrame, match="missing 'owner'"):
+        kinds.loads(kinds.seal(registered("Account", {"_owner": "a", "balance": 1, "memo": ""})))
+
+
+def test_namedtuple_defaults_are_sent(kinds: Codec) -> None:
+    """Fields with defaults are always sent; a frame missing one is refused."""
+    assert Span(4, 0) == kinds.loads(kinds.dumps(Span(4)))
+    with pytest.raises(MalformedFrame, match=r"fields of .*Span do not match.*missing 'end'"):
+        kinds.loads(kinds.seal(registered("Span", {"start": 4})))
+
+
+def test_unknown_field_names_not_echoed(kinds: Codec) -> None:
+    """An unknown field is counted in the refusal, its payload-chosen name is not quoted."""
+    fields = {"x": 1.0, "y": 2.0, "SECRET": 0}
+    with pytest.raises(MalformedFrame, match="1 unknown") as info:
+        kinds.loads(kinds.seal(registered("Point", fields)))
+    assert "SECRET" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "field"), [(Account("a", 0), "balance"), (Watched(0), "count")], ids=type
+)
+def test_user_validation_runs_on_load(kinds: Codec, value: Any, field: str) -> None:
+    """attrs validators and __post_init__ run on load; their refusal keeps only its type."""
+    object.__setattr__(value, field, -1)  # past the producer's own validation
+    name = type(value).__name__
+    with pytest.raises(MalformedFrame, match=f"{name} refused its fields: it raised ") as info:
+        kinds.loads(kinds.dumps(value))
+    assert "SECRET" not in str(info.value)
+    assert "-1" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        registered("Watched", {"count": "1"}),
+        registered("Watched", {"count": 1, "extra": 2}),
+        registered("Watched", {}),
+        registered("Outer", {"inner": {"count": 1}, "label": "l"}),
+    ],
+    ids=["wrong-type", "extra-field", "missing-field", "nested-not-registered-value"],
+)
+def test_refused_fields_run_no_user_code(kinds: Codec, payload: bytes) -> None:
+    """Field names and types are checked before the class is called."""
+    CALLS.clear()
+    with pytest.raises(MalformedFrame):
+        kinds.loads(kinds.seal(payload))
+    assert [] == CALLS
+
+
+def test_unregistered_nested_class(ring: Keyring, kinds: Codec) -> None:
+    """A nested class the consumer did not register is ForbiddenClass."""
+    frame = kinds.dumps(Shape("s", [Point(1.0, 2.0)]))
+    only_shape = Codec(ring, serializer="msgpack", msgpack_types=[Shape])
+    with pytest.raises(ForbiddenClass) as info:
+        only_shape.loads(frame)
+    assert (f"{__name__}.Point",) == info.value.names
+
+
+def local_dataclass() -> type:
+    """A dataclass defined inside a function."""
+
+    @dataclasses.dataclass
+    class Local:
+        """Defined in a function."""
+
+        a: int
+
+    return Local
+
+
+@dataclasses.dataclass
+class WithInitVar:
+    """A dataclass whose constructor requires an InitVar, which is not a field."""
+
+    a: int
+    secret: dataclasses.InitVar[str]
+
+
+def same_name_as_point() -> type:
+    """A different class named like Point."""
+    impostor = dataclasses.make_dataclass("Point", [("x", float), ("y", float)])
+    impostor.__module__ = __name__
+    return impostor
+
+
+@pytest.mark.parametrize(
+    ("types", "match"),
+    [
+        ([local_dataclass()], "defined inside a function"),
+        ([WithInitVar], "requires 'secret'"),
+        ([Point, same_name_as_point()], "two different classes named"),
+        ([Keyring], "register dataclasses, attrs classes or NamedTuples"),
+    ],
+    ids=["local", "initvar", "duplicate-name", "plain-class"],
+)
+def test_registration_errors(ring: Keyring, types: list[type], match: str) -> None:
+    """Classes the registry cannot name or rebuild are a TypeError when the codec is built."""
+    with pytest.raises(TypeError, match=match):
+        Codec(ring, serializer="msgpack", msgpack_types=types)
+
+
+def test_registering_a_class_twice(ring: Keyring) -> None:
+    """The same class listed twice is registered once."""
+    codec = Codec(ring, serializer="msgpack", msgpack_types=[Point, Point])
+    assert Point(1.0, 2.0) == codec.loads(codec.dumps(Point(1.0, 2.0)))
 
 
 # -- malformed payloads -------------------------------------------------------------------

@@ -20,6 +20,7 @@ from ._codec import (
     FrameInfo,
 )
 from ._config import Config, ConfigError, load_config
+from ._inspect import Inspection, inspect_frame
 from ._keys import KeyInfo, Keyring
 from ._presets import PRESETS
 from ._queue import SignedJoinableQueue, SignedQueue
@@ -51,6 +52,7 @@ __all__ = [
     "ForbiddenClass",
     "FrameInfo",
     "FrameTooLarge",
+    "Inspection",
     "InvalidSignature",
     "KeyInfo",
     "Keyring",
@@ -64,6 +66,7 @@ __all__ = [
     "UnknownKey",
     "UnprotectedTransportWarning",
     "WrappedQueue",
+    "inspect_frame",
     "load_config",
     "wrap",
 ]

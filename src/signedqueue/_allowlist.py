@@ -263,6 +263,7 @@ class Policy:
                 exact.add((module, qualname))
         self._exact = frozenset(exact)
         self._wildcards = frozenset(wildcards)
+        self._modules = frozenset(m for m, _ in exact) | self._wildcards
         self._unsafe = frozenset(unsafe)
         self._cache: dict[tuple[str, str], Any] = {}
         #: Audit mode: globals outside the allowlist (never dangerous ones) are
@@ -275,6 +276,10 @@ class Policy:
     def __repr__(self) -> str:
         mode = " AUDIT" if self.audit else ""
         return f"<Policy{mode} {self.allowlist!r}>"
+
+    def modules(self) -> frozenset[str]:
+        """Every module an exact or wildcard entry of this policy names."""
+        return self._modules
 
     def check(self, module: str, name: str) -> Refusal | None:
         """The refusal ``resolve`` would raise (ignoring audit mode), or None."""
@@ -343,7 +348,12 @@ class Policy:
                     "nested class exactly",
                     shown,
                 )
-        elif "." in name and not unsafe and (module, name) not in self._exact:
+        elif (
+            "." in name
+            and not unsafe
+            and key not in self._exact
+            and key not in self._audited_keys
+        ):
             raise Refusal(shown, "walks attributes", shown)  # pragma: no cover
         obj = self._import(module, name, shown)
         if unsafe:
@@ -418,7 +428,7 @@ class Allowlist:
         entries: ``"pkg.mod.Name"``, ``"pkg.mod:Outer.Inner"``, ``"pkg.mod.*"``
             or class and function objects.
         presets: Named sets of globals (see :data:`signedqueue.PRESETS`):
-            ``"stdlib"`` (the default safe set) and ``"numpy"``.
+            ``"stdlib"`` (the default safe set), ``"numpy"`` and ``"dateutil"``.
 
     Allowlists are immutable and compose with ``|``::
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import _cli_keys
+from . import _cli_inspect, _cli_keys
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--consumers", type=int, default=2, help="consumer processes (default 2)")
     demo.add_argument("--count", type=int, default=2000, help="orders per producer (default 2000)")
     _cli_keys.add_parser(sub)
+    _cli_inspect.add_parsers(sub)
     return parser
 
 
@@ -52,5 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    count=args.count)
     if args.command == "keys":
         return _cli_keys.run(args)
+    if args.command == "inspect":
+        return _cli_inspect.run_inspect(args)
+    if args.command == "audit":
+        return _cli_inspect.run_audit(args)
     parser.print_help()
     return 2

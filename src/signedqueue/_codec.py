@@ -18,13 +18,13 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _frame
 from ._allowlist import AllowEntry, Allowlist, Policy, Refusal
 from ._audit import AuditReport, append_sighting
 from ._keys import Keyring
-from ._msgpack import UnregisteredClass
+from ._msgpack import InvalidFields, UnregisteredClass
 from ._scan import ScanError, pickle_globals
 from ._serializers import (
     DEFAULT_PROTOCOL,
@@ -42,6 +42,9 @@ from .exceptions import (
     RejectedFrame,
     UnknownKey,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._inspect import Inspection
 
 __all__ = ["DEFAULT_CLOCK_SKEW", "DEFAULT_MAX_FRAME_SIZE", "Codec", "FrameInfo"]
 
@@ -103,7 +106,7 @@ class Codec:
             name.  A frame sealed under one context is refused under another.
         max_frame_size: Frames larger than this are refused unhashed.
         protocol: Pickle protocol for ``dumps`` (0 to 5; default 5).
-        msgpack_types: Dataclasses and NamedTuples the msgpack serializer may
+        msgpack_types: Dataclasses, attrs classes and NamedTuples the msgpack serializer may
             carry.
         clock_skew: Seconds a frame may be dated in the future (default 60).
         unsafe_trust_signed_frames: Load pickles with plain ``pickle.loads``:
@@ -365,6 +368,25 @@ class Codec:
             payload_size=len(payload),
         )
 
+    def inspect(self, frame: Buffer) -> Inspection:
+        """
+        Report what *frame* says and would import, without deserializing it.
+
+        Never raises for a refused frame: the :class:`Inspection` says whether
+        it verified and, if not, why.  For pickle frames every global the
+        payload names is checked against this codec's policy, which imports a
+        module only if the policy admits that global (as loading would).
+        """
+        from ._inspect import inspect_with
+
+        policy: Policy | None = getattr(self._serializer, "policy", None)
+        if self._serializer.name == "msgpack":
+            policy = Policy()  # a pickle frame is refused; flag it as by default
+        registered = getattr(getattr(self._serializer, "_codec", None), "_by_name", {})
+        return inspect_with(
+            frame, self, policy, self._max_frame_size, frozenset(registered)
+        )
+
     # -- consuming ---------------------------------------------------------
 
     def loads(self, frame: Buffer) -> Any:
@@ -484,6 +506,8 @@ class Codec:
                 names=[exc.name],
                 allow_entries=[None],
             ) from None
+        except InvalidFields as exc:
+            raise MalformedFrame(str(exc)) from None
         except UnregisteredClass as exc:
             raise ForbiddenClass(
                 f"refused class {exc.name!r}: it is not registered; pass it in "

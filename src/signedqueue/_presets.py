@@ -1,11 +1,18 @@
 """
 Allowlist presets: named sets of globals, each admitted for a reason given in
-docs/reference/allowlist.md, and the guards that make some of them safe.
+docs/reference/presets.md, and the guards that make some of them safe.
 
 * ``stdlib``: built-in and standard library value types (the default).
 * ``numpy``: arrays, dtypes and scalars, through exactly the reconstruction
   globals numpy's own pickles name (numpy 1 and 2 module paths), nothing
   broader.
+* ``dateutil``: ``relativedelta``, its weekdays, and the fixed-offset time
+  zones ``tzutc`` and ``tzoffset`` (guarded: always a new instance, never the
+  process-wide cached one).
+
+pandas has no preset: its pickles name constructors that take classes and
+keyword arguments from the pickle, and its block manager trusts the block
+placements it is given (see docs/reference/presets.md).
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from typing import Any
 
 from ._allowlist import DEFAULT_ALLOW
 
-__all__ = ["PRESETS", "preset_guards"]
+__all__ = ["PRESETS", "PRESET_MODULES", "preset_guards"]
 
 _NUMPY = frozenset(
     {
@@ -32,25 +39,66 @@ _NUMPY = frozenset(
     }
 )
 
+_DATEUTIL = frozenset(
+    {
+        "dateutil.relativedelta.relativedelta",
+        "dateutil._common.weekday",
+        # Guarded: a new instance each time, not dateutil's shared cache.
+        "dateutil.tz.tz.tzutc",
+        "dateutil.tz.tz.tzoffset",
+    }
+)
+
 #: Preset name to the exact globals it admits.
 PRESETS: dict[str, frozenset[str]] = {
     "stdlib": DEFAULT_ALLOW,
     "numpy": _NUMPY,
+    "dateutil": _DATEUTIL,
 }
+
+#: Module name prefixes whose globals may have a preset guard.
+PRESET_MODULES: tuple[str, ...] = ("numpy", "dateutil")
 
 
 class PresetRefused(Exception):
     """Internal: a preset's guard refused an argument form."""
 
 
+def _numpy_dtype(fn: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    # numpy writes dtype(text, False, True) and then sets the state.  copy=True
+    # makes a new dtype, so the BUILD that follows cannot change one shared by
+    # the process (numpy.dtype("f8") without it is numpy's own float64).  The
+    # unpickler lets that BUILD happen once, before the dtype is used.
+    if kw or len(args) != 3 or type(args[0]) is not str or type(args[1]) is not bool:
+        raise PresetRefused("numpy.dtype is admitted only as dtype(text, align, True)")
+    if args[2] is not True:
+        raise PresetRefused("numpy.dtype is admitted only as dtype(text, align, True)")
+    return fn(*args)
+
+
+_numpy_dtype.makes_dtype = True  # type: ignore[attr-defined]
+
+
+def _numpy_ndarray(fn: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    # numpy's pickles name ndarray only as _reconstruct's subtype argument.
+    # Called (REDUCE), ndarray(shape) would allocate uninitialized memory of
+    # any size from a few bytes of payload; as a guard it cannot be used with
+    # NEWOBJ either.
+    raise PresetRefused("numpy.ndarray is admitted only as the subtype argument of _reconstruct")
+
+
 def _numpy_reconstruct(fn: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
     # numpy writes _reconstruct(ndarray, (0,), b"b") and then sets the state;
-    # any other subtype or shape is not numpy's own pickle.
+    # any other subtype or shape is not numpy's own pickle.  The subtype
+    # arrives as the ndarray guard.
     import numpy
 
-    if kw or len(args) != 3 or args[0] is not numpy.ndarray or tuple(args[1]) != (0,):
+    if kw or len(args) != 3:
         raise PresetRefused("numpy _reconstruct is admitted only as numpy itself calls it")
-    return fn(*args)
+    subtype = getattr(args[0], "__wrapped__", args[0])
+    if subtype is not numpy.ndarray or type(args[1]) is not tuple or args[1] != (0,):
+        raise PresetRefused("numpy _reconstruct is admitted only as numpy itself calls it")
+    return fn(numpy.ndarray, *args[1:])
 
 
 def _numpy_frombuffer(fn: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
@@ -75,14 +123,50 @@ def _numpy_scalar(fn: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
     return fn(*args)
 
 
-_NUMPY_GUARDS: dict[str, Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]] = {
+PresetGuard = Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]
+
+_NUMPY_GUARDS: dict[str, PresetGuard] = {
     "_reconstruct": _numpy_reconstruct,
     "_frombuffer": _numpy_frombuffer,
     "scalar": _numpy_scalar,
 }
 
 
-def preset_guards() -> dict[Any, Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]]:
+def _dateutil_tzutc(fn: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    # tzutc() returns one instance shared by the whole process, which a BUILD
+    # opcode after the call could then change; build a private one instead.
+    if args or kw:
+        raise PresetRefused("dateutil tzutc takes no arguments")
+    return fn.__new__(fn)
+
+
+def _dateutil_tzoffset(fn: Any, args: tuple[Any, ...], kw: dict[str, Any]) -> Any:
+    # tzoffset(name, offset) returns a cached, shared instance; instance()
+    # builds a private one.  dateutil pickles (name or None, timedelta).
+    import datetime
+
+    if kw or len(args) != 2:
+        raise PresetRefused("dateutil tzoffset takes (name, offset)")
+    name, offset = args
+    if name is not None and type(name) is not str:
+        raise PresetRefused("dateutil tzoffset name must be a string or None")
+    if type(offset) is not datetime.timedelta:
+        raise PresetRefused("dateutil tzoffset offset must be a datetime.timedelta")
+    return fn.instance(name, offset)
+
+
+#: Module name to the guards of its globals, by global name.
+_GUARDS: dict[str, dict[str, PresetGuard]] = {
+    "numpy._core.multiarray": _NUMPY_GUARDS,
+    "numpy._core.numeric": _NUMPY_GUARDS,
+    "numpy.core.multiarray": _NUMPY_GUARDS,
+    "numpy.core.numeric": _NUMPY_GUARDS,
+    "numpy": {"ndarray": _numpy_ndarray, "dtype": _numpy_dtype},
+    "dateutil.tz.tz": {"tzutc": _dateutil_tzutc, "tzoffset": _dateutil_tzoffset},
+}
+
+
+def preset_guards() -> dict[Any, PresetGuard]:
     """
     Guards for preset globals whose modules are already imported, keyed by
     the object itself (importing numpy just to guard it would be wasteful:
@@ -90,15 +174,12 @@ def preset_guards() -> dict[Any, Callable[[Any, tuple[Any, ...], dict[str, Any]]
     """
     import sys
 
-    guards: dict[Any, Callable[[Any, tuple[Any, ...], dict[str, Any]], Any]] = {}
-    for modname in (
-        "numpy._core.multiarray", "numpy._core.numeric",
-        "numpy.core.multiarray", "numpy.core.numeric",
-    ):
+    guards: dict[Any, PresetGuard] = {}
+    for modname, table in _GUARDS.items():
         module = sys.modules.get(modname)
         if module is None:
             continue
-        for name, guard in _NUMPY_GUARDS.items():
+        for name, guard in table.items():
             obj = getattr(module, name, None)
             if obj is not None:
                 guards[obj] = guard

@@ -22,10 +22,12 @@ import fractions
 import io
 import pickle
 import pickletools
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 from ._allowlist import Policy
+from ._presets import PRESET_MODULES
 
 __all__ = ["BudgetExceeded", "GlobalModified", "GuardRefused", "restricted_loads"]
 
@@ -57,10 +59,15 @@ class GuardRefused(Exception):
 
 
 class _Budget:
-    __slots__ = ("left",)
+    """What one load may still build, and the numpy dtypes it made but not yet set."""
+
+    __slots__ = ("left", "pending")
 
     def __init__(self, left: int) -> None:
         self.left = left
+        #: id() to dtype: made by numpy.dtype(...) in this load, awaiting
+        #: their one BUILD.  Until then none may be used (see _uses_pending).
+        self.pending: dict[int, Any] = {}
 
     def charge(self, n: int) -> None:
         self.left -= n
@@ -248,14 +255,18 @@ except ImportError:  # pragma: no cover
 
 
 _PRESET_CHECKS: dict[Any, Callable[[Any, _Budget, tuple[Any, ...], dict[str, Any]], Any]] = {}
+#: Globals of preset modules known to have no guard: their module was imported
+#: when they were looked up, so preset_guards() had its chance.  Remembering
+#: them spares a rescan (and numpy 1 shim warnings) on every load.
+_UNGUARDED: set[Any] = set()
 
 
 def _preset_check(
     obj: Any,
 ) -> Callable[[Any, _Budget, tuple[Any, ...], dict[str, Any]], Any] | None:
-    """The guard of a preset global (numpy), looked up once its module is imported."""
+    """The guard of a preset global (numpy, dateutil), looked up once its module is imported."""
     check = _PRESET_CHECKS.get(obj)
-    if check is None:
+    if check is None and obj not in _UNGUARDED:
         from ._presets import PresetRefused, preset_guards
 
         for target, guard in preset_guards().items():
@@ -264,14 +275,42 @@ def _preset_check(
                     fn: Any, budget: _Budget, args: tuple[Any, ...], kw: dict[str, Any],
                     guard: Any = guard,
                 ) -> Any:
+                    if budget.pending and _uses_pending(budget, (args, kw)):
+                        raise GuardRefused(
+                            "a numpy dtype was used before its state was set"
+                        )
                     try:
-                        return guard(fn, args, kw)
+                        result = guard(fn, args, kw)
                     except PresetRefused as exc:
                         raise GuardRefused(str(exc)) from None
+                    if getattr(guard, "makes_dtype", False):
+                        budget.pending[id(result)] = result
+                    return result
 
                 _PRESET_CHECKS[target] = checked
         check = _PRESET_CHECKS.get(obj)
+        if check is None:
+            _UNGUARDED.add(obj)
     return check
+
+
+def _uses_pending(budget: _Budget, value: object) -> bool:
+    """True if *value* is, or contains, a dtype still awaiting its BUILD."""
+    seen: set[int] = set()
+    todo: list[object] = [value]
+    while todo:
+        item = todo.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if id(item) in budget.pending and budget.pending[id(item)] is item:
+            return True
+        if isinstance(item, (tuple, list)) and type(item) in (tuple, list):
+            todo.extend(item)
+        elif isinstance(item, dict) and type(item) is dict:
+            todo.extend(item.keys())
+            todo.extend(item.values())
+    return False
 
 
 class Guard:
@@ -395,14 +434,13 @@ def _restore(obj: Any, snap: tuple[Any, ...]) -> None:
 _MISSING = object()
 
 
-class RestrictedUnpickler(pickle.Unpickler):
+class _Restricted:
     """
-    An unpickler whose ``find_class`` asks the policy, and which refuses a
-    pickle that changes a class or function it named.
+    What both restricted unpicklers share: ``find_class`` asks the policy, and
+    a pickle that changes a class or function it named is refused.
     """
 
-    def __init__(self, file: io.BytesIO, policy: Policy, budget: int) -> None:
-        super().__init__(file, fix_imports=False)
+    def _setup(self, policy: Policy, budget: int) -> None:
         self._policy = policy
         self._budget = _Budget(budget)
         # (name, is an enum member of it, object, state before the load)
@@ -418,7 +456,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         obj = self._policy.resolve(module, name)
         try:
             check = _CHECKS.get(obj)
-            if check is None and module.startswith("numpy"):
+            if check is None and module.startswith(PRESET_MODULES):
                 check = _preset_check(obj)
         except TypeError:  # unhashable object
             check = None
@@ -441,6 +479,167 @@ class RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("persistent ids are not supported")
+
+
+
+
+class RestrictedUnpickler(_Restricted, pickle.Unpickler):
+    """The C unpickler, restricted: for policies that admit no numpy global."""
+
+    def __init__(self, file: io.BytesIO, policy: Policy, budget: int) -> None:
+        pickle.Unpickler.__init__(self, file, fix_imports=False)
+        self._setup(policy, budget)
+
+
+def _shape_size(shape: object) -> int:
+    if type(shape) is not tuple or not all(type(n) is int and n >= 0 for n in shape):
+        raise GuardRefused("numpy array state: the shape must be a tuple of non-negative ints")
+    size = 1
+    for n in shape:
+        size *= n
+        if size > 2**63:
+            raise GuardRefused("numpy array state: the shape is too large")
+    return size
+
+
+def _check_array_state(numpy: Any, state: object) -> None:
+    """
+    Refuse an ndarray ``__setstate__`` argument whose data does not exactly
+    fill its shape.  numpy itself checks bytes data, but fills an object
+    array from a shorter list and leaves the rest of its pointers
+    uninitialized, which crashes the process when the array is read or freed.
+    """
+    if type(state) is not tuple or len(state) not in (4, 5):
+        raise GuardRefused("numpy array state must be (version, shape, dtype, fortran, data)")
+    shape, dtype, _fortran, data = state[-4:]
+    if not isinstance(dtype, numpy.dtype):
+        raise GuardRefused("numpy array state: the dtype must be a numpy.dtype")
+    size = _shape_size(shape)
+    if dtype.hasobject:
+        if type(data) is not list or len(data) != size:
+            raise GuardRefused("numpy object array state: the data must be a list of its items")
+    elif not isinstance(data, (bytes, bytearray)) or len(data) != size * dtype.itemsize:
+        raise GuardRefused("numpy array state: the data must be bytes of exactly its size")
+
+
+_DTYPE_ERRORS = (TypeError, ValueError, KeyError, IndexError, OverflowError, MemoryError)
+
+
+def _expected_dtype(numpy: Any, state: object) -> Any:
+    """
+    The dtype a ``dtype.__setstate__`` argument describes, built through
+    numpy's public constructor (which checks sizes, offsets and object
+    fields), or None for a plain dtype.  numpy's ``__setstate__`` itself
+    accepts inconsistent states: an object field in a 4-byte item crashes
+    the process when an array of it is created.
+    """
+    # Version 3, or 4 with datetime metadata as a ninth item.
+    if type(state) is not tuple or (state[:1], len(state)) not in (((3,), 8), ((4,), 9)):
+        raise GuardRefused("numpy dtype state must be numpy's version 3 or 4 state")
+    _, _order, sub, names, fields, elsize, _alignment, flags = state[:8]
+    if type(elsize) is not int or type(flags) is not int:
+        raise GuardRefused("numpy dtype state: the item size and flags must be ints")
+    try:
+        if names is not None or fields is not None:
+            if type(names) is not tuple or type(fields) is not dict:
+                raise GuardRefused("numpy dtype state: names must be a tuple, fields a dict")
+            if not set(names) <= set(fields):
+                raise GuardRefused("numpy dtype state: names and fields do not match")
+            specs = [fields[name] for name in names]
+            spec = {
+                "names": list(names),
+                "formats": [f[0] for f in specs],
+                "offsets": [f[1] for f in specs],
+                "titles": [f[2] if len(f) > 2 else None for f in specs],
+                "itemsize": elsize,
+            }
+            return numpy.dtype(spec, align=bool(flags & 0x80))
+        if sub is not None:
+            if type(sub) is not tuple or len(sub) != 2:
+                raise GuardRefused("numpy dtype state: the subarray must be (dtype, shape)")
+            return numpy.dtype(sub)
+    except _DTYPE_ERRORS:
+        raise GuardRefused("numpy dtype state is inconsistent") from None
+    return None
+
+
+def _build_dtype(unpickler: Any, numpy: Any, inst: Any, state: object) -> None:
+    # Only a dtype this load just made with numpy.dtype(text, align, True),
+    # once, and before anything used it: a BUILD on a dtype an array already
+    # uses would change the layout under the array's data.
+    pending = unpickler._budget.pending
+    if pending.get(id(inst)) is not inst:
+        raise GuardRefused("a numpy dtype takes one BUILD, right after it is made")
+    del pending[id(inst)]
+    if _uses_pending(unpickler._budget, state):
+        raise GuardRefused("a numpy dtype was used before its state was set")
+    expected = _expected_dtype(numpy, state)
+    before = (inst.itemsize, inst.flags, inst.hasobject, inst.alignment)
+    if (
+        expected is None
+        and isinstance(state, tuple)
+        and (state[5] not in (-1, before[0]) or state[7] != before[1])
+    ):
+        raise GuardRefused("numpy dtype state does not match its dtype")
+    pickle._Unpickler.load_build(unpickler)  # type: ignore[attr-defined]
+    if expected is None:
+        ok = (inst.itemsize, inst.flags, inst.hasobject, inst.alignment) == before
+    else:
+        ok = (
+            inst == expected
+            and inst.itemsize == expected.itemsize
+            and inst.flags == expected.flags
+            and inst.alignment == expected.alignment
+        )
+    if not ok:
+        raise GuardRefused("numpy dtype state is inconsistent")
+
+
+class CheckedBuildUnpickler(_Restricted, pickle._Unpickler):
+    """
+    The Python unpickler, restricted, whose ``BUILD`` checks the state given
+    to a numpy array or scalar first.  Used when the policy admits a numpy
+    global: the C unpickler's ``BUILD`` cannot be intercepted.
+    """
+
+    dispatch: ClassVar[dict[int, Callable[[Any], None]]] = dict(
+        pickle._Unpickler.dispatch
+    )
+
+    def __init__(self, file: io.BytesIO, policy: Policy, budget: int) -> None:
+        pickle._Unpickler.__init__(self, file, fix_imports=False)
+        self._setup(policy, budget)
+
+    def load_build(self) -> None:
+        stack: list[Any] = self.stack  # type: ignore[attr-defined]
+        numpy = sys.modules.get("numpy")
+        if numpy is not None and len(stack) >= 2:
+            inst = stack[-2]
+            if isinstance(inst, numpy.ndarray):
+                _check_array_state(numpy, stack[-1])
+                if _uses_pending(self._budget, stack[-1]):
+                    raise GuardRefused("a numpy dtype was used before its state was set")
+            elif isinstance(inst, numpy.generic):
+                raise GuardRefused("numpy scalars take no BUILD state")
+            elif isinstance(inst, numpy.dtype):
+                _build_dtype(self, numpy, inst, stack[-1])
+                return
+        pickle._Unpickler.load_build(self)  # type: ignore[attr-defined]
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def frame_left(self) -> bool:
+        """True if bytes of the last protocol 4+ frame were left after STOP."""
+        frame = getattr(getattr(self, "_unframer", None), "current_frame", None)
+        return frame is not None and frame.read(1) != b""
+
+
+def _admits_numpy(policy: Policy) -> bool:
+    """True if *policy* could hand a pickle any numpy global."""
+    return policy.audit or any(
+        module == "numpy" or module.startswith("numpy.")
+        for module in policy.modules()
+    )
 
 
 def _extension_codes(payload: bytes | bytearray | memoryview, policy: Policy) -> list[int]:
@@ -477,7 +676,8 @@ def restricted_loads(payload: bytes | bytearray | memoryview, policy: Policy) ->
     size = len(payload)
     file = io.BytesIO(payload)
     codes = _extension_codes(payload, policy)
-    unpickler = RestrictedUnpickler(file, policy, BUDGET_FACTOR * size + BUDGET_SLACK)
+    kind = CheckedBuildUnpickler if _admits_numpy(policy) else RestrictedUnpickler
+    unpickler = kind(file, policy, BUDGET_FACTOR * size + BUDGET_SLACK)
     try:
         obj = unpickler.load()
     finally:
@@ -487,6 +687,10 @@ def restricted_loads(payload: bytes | bytearray | memoryview, policy: Policy) ->
             unpickler.check_unchanged()
     # One pickle per payload: a trailing byte is refused, as in the frame.
     # (The C unpickler reads from a BytesIO exactly as far as STOP.)
-    if file.tell() != size:
+    # The Python unpickler reads a whole protocol 4+ frame at once: bytes
+    # after STOP inside the frame are trailing data too.
+    if file.tell() != size or (
+        isinstance(unpickler, CheckedBuildUnpickler) and unpickler.frame_left()
+    ):
         raise pickle.UnpicklingError("trailing data after the pickle")
     return obj
