@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import pickletools
 import tracemalloc
 from typing import Any
 
@@ -363,6 +364,18 @@ def test_scalar_guard_refuses(ring: Keyring, args: tuple[Any, ...], match: str) 
 # --- dateutil ------------------------------------------------------------
 
 
+def skip_unless_zones_pickle_by_constructor() -> None:
+    """Skip where this dateutil pickles tzutc/tzoffset with NEWOBJ + BUILD (older releases)."""
+    from dateutil import tz
+
+    ops = {op.name for op, _, _ in pickletools.genops(pickle.dumps(tz.tzoffset("X", 60), 4))}
+    if "NEWOBJ" in ops:
+        pytest.skip(
+            "this python-dateutil pickles time zones with NEWOBJ + BUILD, which the "
+            "guarded preset refuses; its newer releases pickle them by constructor"
+        )
+
+
 def dateutil_objects() -> list[Any]:
     """relativedelta, weekdays and fixed-offset zones, alone and inside datetimes."""
     pytest.importorskip("dateutil", reason="the dateutil preset needs python-dateutil")
@@ -387,6 +400,8 @@ def dateutil_objects() -> list[Any]:
 def test_dateutil_objects_round_trip(ring: Keyring, protocol: int, index: int) -> None:
     """A relativedelta, weekday or fixed-offset zone loads with the dateutil preset."""
     obj = dateutil_objects()[index]
+    if index >= 3:
+        skip_unless_zones_pickle_by_constructor()
     codec = codec_for(ring, "dateutil")
     got = codec.loads(codec.seal(pickle.dumps(obj, protocol=protocol)))
     assert type(got) is type(obj)

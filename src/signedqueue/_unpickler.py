@@ -628,6 +628,23 @@ class CheckedBuildUnpickler(_Restricted, pickle._Unpickler):
 
     dispatch[pickle.BUILD[0]] = load_build
 
+    # NEWOBJ and NEWOBJ_EX would build a guarded class without its guard
+    # seeing the arguments: refused, as the C unpickler refuses a non-type
+    # there (Python 3.10's C unpickler checks this differently).
+    def load_newobj(self) -> None:
+        if isinstance(self.stack[-2], Guard):  # type: ignore[attr-defined]
+            raise GuardRefused("a guarded class is admitted only through its constructor")
+        pickle._Unpickler.load_newobj(self)  # type: ignore[attr-defined]
+
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+
+    def load_newobj_ex(self) -> None:
+        if isinstance(self.stack[-3], Guard):  # type: ignore[attr-defined]
+            raise GuardRefused("a guarded class is admitted only through its constructor")
+        pickle._Unpickler.load_newobj_ex(self)  # type: ignore[attr-defined]
+
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+
     def frame_left(self) -> bool:
         """True if bytes of the last protocol 4+ frame were left after STOP."""
         frame = getattr(getattr(self, "_unframer", None), "current_frame", None)
@@ -635,10 +652,13 @@ class CheckedBuildUnpickler(_Restricted, pickle._Unpickler):
 
 
 def _admits_numpy(policy: Policy) -> bool:
-    """True if *policy* could hand a pickle any numpy global."""
+    """
+    True if *policy* could hand a pickle a global of a preset library (numpy,
+    dateutil): those loads use the Python unpickler, whose BUILD and NEWOBJ
+    can be checked.
+    """
     return policy.audit or any(
-        module == "numpy" or module.startswith("numpy.")
-        for module in policy.modules()
+        module.split(".", 1)[0] in PRESET_MODULES for module in policy.modules()
     )
 
 
