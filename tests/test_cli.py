@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -67,3 +68,22 @@ def test_no_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     """Without a command the help is printed and the exit code is 2."""
     assert 2 == main([])
     assert "demo" in capsys.readouterr().out
+
+
+def test_closed_stdout_is_not_a_traceback(tmp_path: Path) -> None:
+    """Output into a pipe whose reader has gone (``| head``) ends quietly with status 1."""
+    import os
+
+    ring_path = os.path.join(str(tmp_path), "ring.json")
+    assert 0 == main(["keys", "init", ring_path])
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "signedqueue", "keys", "list", ring_path],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60, check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in result.stderr
+    assert 1 == result.returncode
