@@ -19,11 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
 from . import _frame
 from ._allowlist import _MODULE_RE, MAX_NAME_LENGTH, AllowEntry, Allowlist, Policy, entry_for
-from ._msgpack import EXT, MAX_EXT_DEPTH
+from ._msgpack import EXT, MAX_EXT_DEPTH, bounded_unpackb
 from ._scan import ScanError, pickle_globals
 from .exceptions import FrameTooLarge, MalformedFrame, RejectedFrame
 
@@ -273,20 +271,7 @@ def msgpack_class_names(payload: Buffer) -> list[str]:
 def _walk_msgpack(data: bytes, depth: int, found: dict[str, None]) -> Any:
     if depth > MAX_EXT_DEPTH:
         raise ScanError(f"extension values nested more than {MAX_EXT_DEPTH} deep")
-    n = len(data)
-    return msgpack.unpackb(
-        data,
-        ext_hook=functools.partial(_ext_hook, depth, found),
-        raw=False,
-        use_list=True,
-        strict_map_key=False,
-        timestamp=0,
-        max_str_len=n,
-        max_bin_len=n,
-        max_array_len=n,
-        max_map_len=n,
-        max_ext_len=n,
-    )
+    return bounded_unpackb(data, functools.partial(_ext_hook, depth, found))
 
 
 def _ext_hook(depth: int, found: dict[str, None], code: int, data: bytes) -> None:

@@ -72,6 +72,24 @@ class _Registered:
     checks: tuple[tuple[str, _Check, str], ...]
 
 
+def bounded_unpackb(data: bytes | bytearray | memoryview, ext_hook: Any) -> Any:
+    """msgpack.unpackb with every declared length bounded by the data's size."""
+    n = len(data)
+    return msgpack.unpackb(
+        data,
+        ext_hook=ext_hook,
+        raw=False,
+        use_list=True,
+        strict_map_key=False,
+        timestamp=0,
+        max_str_len=n,
+        max_bin_len=n,
+        max_array_len=n,
+        max_map_len=n,
+        max_ext_len=n,
+    )
+
+
 class MsgpackCodec:
     """msgpack packing and bounded unpacking with signedqueue's extension types."""
 
@@ -240,20 +258,7 @@ class MsgpackCodec:
         if _depth > MAX_EXT_DEPTH:
             # The codec reports this as "nested too deeply" (MalformedFrame).
             raise RecursionError(f"extension values nested more than {MAX_EXT_DEPTH} deep")
-        n = len(data)
-        return msgpack.unpackb(
-            data,
-            ext_hook=functools.partial(self._ext_hook, _depth),
-            raw=False,
-            use_list=True,
-            strict_map_key=False,
-            timestamp=0,
-            max_str_len=n,
-            max_bin_len=n,
-            max_array_len=n,
-            max_map_len=n,
-            max_ext_len=n,
-        )
+        return bounded_unpackb(data, functools.partial(self._ext_hook, _depth))
 
     def _ext_hook(self, depth: int, code: int, data: bytes) -> Any:
         if code == EXT["tuple"]:
