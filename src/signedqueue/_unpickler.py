@@ -696,7 +696,10 @@ def restricted_loads(payload: bytes | bytearray | memoryview, policy: Policy) ->
     size = len(payload)
     file = io.BytesIO(payload)
     codes = _extension_codes(payload, policy)
-    kind = CheckedBuildUnpickler if _admits_numpy(policy) else RestrictedUnpickler
+    kind = policy.__dict__.get("_unpickler_kind")
+    if kind is None:  # a policy never changes what it admits: decide once
+        kind = CheckedBuildUnpickler if _admits_numpy(policy) else RestrictedUnpickler
+        policy.__dict__["_unpickler_kind"] = kind
     unpickler = kind(file, policy, BUDGET_FACTOR * size + BUDGET_SLACK)
     try:
         obj = unpickler.load()
