@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import _cli_inspect, _cli_keys
+from . import _bench, _cli_inspect, _cli_keys
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--count", type=int, default=2000, help="orders per producer (default 2000)")
     _cli_keys.add_parser(sub)
     _cli_inspect.add_parsers(sub)
+    _bench.add_parser(sub)
     return parser
 
 
@@ -68,5 +69,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return _cli_inspect.run_inspect(args)
     if args.command == "audit":
         return _cli_inspect.run_audit(args)
+    if args.command == "bench":
+        return _bench.run_cli(args, parser)
     parser.print_help()
     return 2
