@@ -32,6 +32,7 @@ from typing import Any
 
 import pytest
 
+from processes import join_all, start_all
 from signedqueue import (
     Codec,
     ForbiddenClass,
@@ -132,28 +133,6 @@ class Background:
         if "error" in self._box:
             raise self._box["error"]
         return self._box.get("value")
-
-
-def start_all(processes: list[Any]) -> None:
-    """Start child processes."""
-    with warnings.catch_warnings():
-        # Python 3.12+ warns when forking while threads run (feeder threads);
-        # the queues are built for it, as multiprocessing.Queue is.
-        warnings.filterwarnings("ignore", ".*fork.*", DeprecationWarning)
-        for proc in processes:
-            proc.start()
-
-
-def join_all(processes: list[Any]) -> None:
-    """Join child processes; fail unless each exited with status 0."""
-    for proc in processes:
-        proc.join(WAIT)
-    hung = [proc for proc in processes if proc.is_alive()]
-    for proc in hung:
-        proc.kill()
-        proc.join()
-    assert not hung, f"{len(hung)} child process(es) did not finish within {WAIT} s"
-    assert [proc.exitcode for proc in processes] == [0] * len(processes)
 
 
 BAD_FRAMES = [

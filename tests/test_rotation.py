@@ -35,13 +35,13 @@ import queue
 import subprocess
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from processes import join_all, start_all
 from signedqueue import Codec, Keyring, RejectedFrame, SignedQueue, UnknownKey
 
 #: Seconds between checks of the keyring file by each process.
@@ -200,28 +200,6 @@ class Ledger:
             any(created > instant for _, created in self.by_producer(p).values())
             for p in range(PRODUCERS)
         )
-
-
-def start_all(processes: list[Any]) -> None:
-    """Start child processes."""
-    with warnings.catch_warnings():
-        # Python 3.12+ warns when forking while threads run (feeder threads);
-        # the queues are built for it, as multiprocessing.Queue is.
-        warnings.filterwarnings("ignore", ".*fork.*", DeprecationWarning)
-        for proc in processes:
-            proc.start()
-
-
-def join_all(processes: list[Any]) -> None:
-    """Join child processes; fail unless each exited with status 0."""
-    for proc in processes:
-        proc.join(WAIT)
-    hung = [proc for proc in processes if proc.is_alive()]
-    for proc in hung:
-        proc.kill()
-        proc.join()
-    assert not hung, f"{len(hung)} child process(es) did not finish within {WAIT} s"
-    assert [0] * len(processes) == [proc.exitcode for proc in processes]
 
 
 # -- the proof ----------------------------------------------------------------

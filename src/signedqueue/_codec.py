@@ -85,6 +85,18 @@ class FrameInfo:
     #: Payload size in bytes.
     payload_size: int
 
+    @classmethod
+    def from_header(cls, header: _frame.Header) -> FrameInfo:
+        """What a parsed header says (verified or not: the caller knows)."""
+        return cls(
+            key_id=header.key_id.decode("ascii"),
+            created=header.created_ms / 1000.0,
+            serializer=_frame.SERIALIZER_NAMES[header.serializer],
+            param=header.param,
+            nonce=header.nonce,
+            payload_size=header.payload_end - header.payload_start,
+        )
+
 
 class Codec:
     """
@@ -356,17 +368,10 @@ class Codec:
         return what its header says.
         """
         try:
-            header, payload = self._open(frame)
+            header, _ = self._open(frame)
         except RejectedFrame as exc:
             raise self._refused(exc, frame) from None
-        return FrameInfo(
-            key_id=header.key_id.decode("ascii"),
-            created=header.created_ms / 1000.0,
-            serializer=_frame.SERIALIZER_NAMES[header.serializer],
-            param=header.param,
-            nonce=header.nonce,
-            payload_size=len(payload),
-        )
+        return FrameInfo.from_header(header)
 
     def inspect(self, frame: Buffer) -> Inspection:
         """

@@ -181,7 +181,7 @@ def inspect_with(
     if view.nbytes > max_frame_size:
         # Not hashed and not scanned, as a codec would refuse it unhashed.
         return Inspection(
-            header=None if header is None else _info(header, view, FrameInfo),
+            header=None if header is None else FrameInfo.from_header(header),
             verified=False,
             error="FrameTooLarge",
             reason=str(
@@ -196,7 +196,7 @@ def inspect_with(
     if header is None:
         assert parse_error is not None  # noqa: S101 (type narrowing)
         return Inspection(None, False, type(parse_error).__name__, parse_error.reason)
-    info = _info(header, view, FrameInfo)
+    info = FrameInfo.from_header(header)
     verified = False
     error: str | None = None
     reason: str | None = NO_KEYRING
@@ -228,17 +228,6 @@ def inspect_with(
     except ScanError as exc:
         scan_error = str(exc)
     return Inspection(info, verified, error, reason, tuple(checks), scan_error)
-
-
-def _info(header: _frame.Header, view: memoryview, cls: type[FrameInfo]) -> FrameInfo:
-    return cls(
-        key_id=header.key_id.decode("ascii"),
-        created=header.created_ms / 1000.0,
-        serializer=_frame.SERIALIZER_NAMES[header.serializer],
-        param=header.param,
-        nonce=header.nonce,
-        payload_size=header.payload_end - header.payload_start,
-    )
 
 
 def _check(policy: Policy | None, module: str, qualname: str) -> GlobalCheck:
