@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import multiprocessing
+import re
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from signedqueue import _bench
+from signedqueue import Keyring, _bench
 from signedqueue._cli import main
 
 
@@ -22,16 +26,27 @@ def test_bench_quick_run_writes_checked_samples(
     out, err = capsys.readouterr()
     assert "small-dict" in out and "signed/plain" in out
     assert "trial 1/1" in err
+    assert re.search(r"\[ ?1/\d+\] trial 1/1  small-dict", err)
 
     doc = json.loads(path.read_text(encoding="utf-8"))
+    assert 2 == doc["format"]
     assert {"python", "cpu_count", "platform"} <= set(doc["machine"])
-    assert doc["settings"] == {"quick": True, "trials": 1,
-                               "only": ["small-dict", "codec-small-dict"]}
+    assert doc["settings"]["quick"] is True
+    assert doc["settings"]["trials"] == 1
+    assert doc["settings"]["only"] == ["small-dict", "codec-small-dict"]
+    assert doc["settings"]["peers"] is True
+    assert set(doc["peers"]) == {p.name for p in _bench.PEERS}
+    assert set(doc["variants"]) >= {"plain", "signed", "fast"} | set(doc["peers"])
     assert [c["name"] for c in doc["cases"]] == ["small-dict", "codec-small-dict"]
     for case in doc["cases"]:
         expected = {c.name: c.quick_count for c in _bench.CASES}[case["name"]]
         assert case["count"] == expected
-        for variant in ("signed", "plain"):
+        available = [name for name, status in doc["peers"].items()
+                     if status["available"] and status["kind"] == case["kind"]]
+        assert case["variants"][:2] == ["signed", "plain"]
+        assert set(case["variants"]) == {"signed", "plain", *available}
+        assert set(case["samples"]) == set(case["median"]) == set(case["variants"])
+        for variant in case["variants"]:
             (sample,) = case["samples"][variant]
             assert sample["sent"] == expected
             assert sample["received"] == expected
@@ -42,6 +57,168 @@ def test_bench_quick_run_writes_checked_samples(
         ratio = case["ratio"]
         assert isinstance(ratio, float) and ratio > 0
         assert ratio == pytest.approx(case["median"]["signed"] / case["median"]["plain"])
+        assert set(case["ratios"]) == set(case["variants"]) - {"plain"}
+        for variant, value in case["ratios"].items():
+            assert value == pytest.approx(case["median"][variant] / case["median"]["plain"])
+            if variant in doc["peers"]:
+                assert variant in out
+
+
+def test_bench_missing_peers_are_skipped_and_recorded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A peer that cannot be imported is left out with a note, and the JSON says why."""
+    real_import = _bench._try_import
+
+    def without_peers(module: str) -> ModuleType:
+        if module in ("itsdangerous", "faster_fifo"):
+            raise ImportError(f"No module named {module!r}")
+        return real_import(module)
+
+    monkeypatch.setattr(_bench, "_try_import", without_peers)
+    path = tmp_path / "bench.json"
+    assert 0 == main(["bench", "--quick", "--only", "codec-small-dict", "--trials", "1",
+                      "--json", str(path)])
+    out, err = capsys.readouterr()
+    assert "bench: skipping peer itsdangerous: itsdangerous is not installed" in err
+    assert "bench: skipping peer faster-fifo" in err
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    assert doc["peers"]["itsdangerous"]["available"] is False
+    assert doc["peers"]["faster-fifo"]["available"] is False
+    assert doc["peers"]["fernet"]["available"] is True
+    (case,) = doc["cases"]
+    assert case["variants"] == ["signed", "plain", "fernet"]
+    assert {"name": "codec-small-dict", "variant": "itsdangerous",
+            "reason": doc["peers"]["itsdangerous"]["reason"]} in doc["skipped"]
+    # faster-fifo only runs in queue cases, none of which was selected.
+    assert not [s for s in doc["skipped"] if s.get("variant") == "faster-fifo"]
+    assert "fernet" in out and "itsdangerous" not in out
+
+
+def test_bench_no_peers(tmp_path: Path) -> None:
+    """``--no-peers`` runs only signed, plain (and fast) and records no peers."""
+    path = tmp_path / "bench.json"
+    assert 0 == main(["bench", "--quick", "--only", "codec-small-dict", "--trials", "1",
+                      "--no-peers", "--json", str(path)])
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    assert doc["peers"] == {}
+    assert doc["settings"]["peers"] is False
+    assert doc["cases"][0]["variants"] == ["signed", "plain"]
+
+
+def test_bench_fast_variant_of_byte_cases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Byte cases get a fast column when the codec has ``mac=``; otherwise a recorded skip."""
+    monkeypatch.setattr(_bench, "CASES", tuple(
+        dataclasses.replace(c, quick_count=5) if c.name == "codec-bytes-1mib" else c
+        for c in _bench.CASES))
+    path = tmp_path / "bench.json"
+    args = ["bench", "--quick", "--only", "codec-bytes-1mib", "--trials", "1", "--no-peers",
+            "--json", str(path)]
+    if _bench.fast_mac_supported():
+        assert 0 == main(args)
+        out = capsys.readouterr().out
+        assert "fast/plain" in out
+        (case,) = json.loads(path.read_text(encoding="utf-8"))["cases"]
+        assert case["variants"] == ["signed", "plain", "fast"]
+        (sample,) = case["samples"]["fast"]
+        assert sample["received_bytes"] == sample["sent_bytes"] == 5 * _bench.MIB
+        assert case["ratios"]["fast"] == pytest.approx(
+            case["median"]["fast"] / case["median"]["plain"])
+
+    monkeypatch.setattr(_bench, "fast_mac_supported", lambda: False)
+    assert 0 == main(args)
+    out, err = capsys.readouterr()
+    assert "skipping the fast variant" in err
+    assert "fast/plain" not in out
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    assert doc["cases"][0]["variants"] == ["signed", "plain"]
+    assert doc["settings"]["fast_mac"] is None
+    assert [s["variant"] for s in doc["skipped"]] == ["fast"]
+
+
+def test_bench_fast_queue_is_a_signed_queue_with_the_fast_mac(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fast queue variant is SignedQueue(keyring, mac="aes256-gmac") with the same options."""
+    made: list[dict[str, object]] = []
+
+    def fake_queue(keyring: Keyring, **options: object) -> str:
+        made.append(options)
+        return "queue"
+
+    monkeypatch.setattr(_bench, "SignedQueue", fake_queue)
+    ctx = multiprocessing.get_context()
+    case = {c.name: c for c in _bench.CASES}["numpy-64mib"]
+    keyring = Keyring.generate()
+    _bench._make_queue("signed", case, keyring, 4, ctx)
+    _bench._make_queue("fast", case, keyring, 4, ctx)
+    signed, fast = made
+    assert fast.pop("mac") == "aes256-gmac"
+    assert fast == signed
+    assert {"maxsize", "ctx", "allow"} <= set(signed)
+
+
+def test_bench_faster_fifo_run_is_delivery_checked() -> None:
+    """A short faster-fifo run, checked like the others (skipped if it is not installed)."""
+    pytest.importorskip("faster_fifo")
+    case = {c.name: c for c in _bench.CASES}["bytes-1mib"]
+    sample = _bench._run_queue(case, "faster-fifo", 5, Keyring.generate())
+    assert sample["sent"] == sample["received"] == 5
+    assert sample["sent_bytes"] == sample["received_bytes"] == 5 * _bench.MIB
+
+
+def _fake_doc() -> dict[str, object]:
+    cases = []
+    for name, ratios in (("small-dict", {"signed": 0.5, "faster-fifo": 1.8}),
+                         ("bytes-64mib", {"signed": 0.8, "fast": 1.0}),
+                         ("codec-small-dict", {"signed": 0.3, "itsdangerous": 0.5,
+                                               "fernet": 0.2})):
+        cases.append({"name": name, "ratios": ratios})
+    return {"cases": cases, "machine": _bench.machine_info(), "settings": {"trials": 3}}
+
+
+def test_bench_png_chart_is_written(tmp_path: Path) -> None:
+    """``write_png`` draws a PNG file (skipped if matplotlib is not installed)."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "chart.png"
+    _bench.write_png(_fake_doc(), str(path))
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_bench_png_option_writes_a_png(tmp_path: Path) -> None:
+    """``--png PATH`` writes the chart after the run."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "bench.png"
+    assert 0 == main(["bench", "--quick", "--only", "codec-small-dict", "--trials", "1",
+                      "--no-peers", "--png", str(path)])
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_bench_png_without_matplotlib_says_how_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without matplotlib ``--png`` fails before running anything, naming the extra."""
+    real_import = _bench._try_import
+
+    def without_matplotlib(module: str) -> ModuleType:
+        if module.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(module)
+
+    def no_run(*args: object, **kwargs: object) -> int:
+        raise AssertionError("the benchmark ran")
+
+    monkeypatch.setattr(_bench, "_try_import", without_matplotlib)
+    monkeypatch.setattr(_bench, "run", no_run)
+    path = tmp_path / "bench.png"
+    assert 2 == main(["bench", "--png", str(path)])
+    err = capsys.readouterr().err
+    assert "matplotlib" in err and "pip install 'signedqueue[bench]'" in err
+    assert not path.exists()
+    with pytest.raises(_bench.BenchmarkError, match=r"signedqueue\[bench\]"):
+        _bench.write_png(_fake_doc(), str(path))
 
 
 def test_bench_delivery_check_refuses_short_counts() -> None:
@@ -57,8 +234,6 @@ def test_bench_delivery_check_refuses_short_counts() -> None:
 
 def test_bench_consumer_counts_what_arrives() -> None:
     """The consumer process reports exactly what it received (here: one item too many)."""
-    import multiprocessing
-
     ctx = multiprocessing.get_context()
     queue = ctx.Queue()
     for _ in range(3):

@@ -23,6 +23,7 @@ import signedqueue
 import signedqueue._codec
 import signedqueue._frame
 import signedqueue._keys
+import signedqueue._mac
 from signedqueue import (
     DEFAULT_CLOCK_SKEW,
     DEFAULT_MAX_FRAME_SIZE,
@@ -176,7 +177,9 @@ def test_forbidden_global_never_runs(ring: Keyring, monkeypatch: pytest.MonkeyPa
         ({"max_age": 0}, ValueError, "max_age must be positive"),
         ({"max_age": -1.0}, ValueError, "max_age must be positive"),
         ({"clock_skew": -0.5}, ValueError, "clock_skew must be >= 0"),
-        ({"max_frame_size": 71}, ValueError, "max_frame_size must be at least 72"),
+        ({"max_frame_size": 55}, ValueError, "max_frame_size must be at least 56"),
+        ({"mac": "hmac-md5"}, ValueError, "unknown MAC algorithm 'hmac-md5'"),
+        ({"accept_macs": ["hmac-sha256", "gmac"]}, ValueError, "unknown MAC algorithm 'gmac'"),
         ({"context": "orders"}, TypeError, "context must be bytes"),
         ({"unsafe_trust_signed_frames": True, "allow": ["a.B"]}, ValueError, "drop allow="),
     ],
@@ -424,26 +427,29 @@ def test_size_checked_before_hashing_or_parsing(
     """An oversized frame is refused before any byte is parsed or hashed."""
     codec = Codec(ring, max_frame_size=200)
     small, big = codec.dumps("ok"), Codec(ring).dumps("x" * 500)
+    # Every MAC computation goes through these two (and hmac for the compare).
+    for name in ("one_shot", "new_mac"):
+        monkeypatch.setattr(signedqueue._codec, name, getattr(_Tripwire("mac"), name))
+    monkeypatch.setattr(signedqueue._mac, "hmac", _Tripwire("hmac"))
     monkeypatch.setattr(signedqueue._codec, "hmac", _Tripwire("hmac"))
     with pytest.raises(FrameTooLarge) as info:
         codec.loads(big)
     assert (len(big), 200) == (info.value.size, info.value.limit)
-    with pytest.raises(AssertionError, match=r"hmac\.\w+ was called"):
+    with pytest.raises(AssertionError, match=r"mac\.one_shot was called"):
         codec.loads(small)  # a frame within the limit is hashed
 
-    monkeypatch.setattr(
-        signedqueue._frame, "parse_unverified", _Tripwire("_frame").parse_unverified
-    )
+    for name in ("parse_unverified", "parse_head"):
+        monkeypatch.setattr(signedqueue._frame, name, getattr(_Tripwire("_frame"), name))
     with pytest.raises(FrameTooLarge):
         codec.loads(big)
     with pytest.raises(FrameTooLarge):
         codec.loads(b"\x00" * 201)  # garbage, but too large is all that is said
-    with pytest.raises(AssertionError, match=r"_frame\.parse_unverified was called"):
+    with pytest.raises(AssertionError, match=r"_frame\.parse_head was called"):
         codec.loads(small)  # a frame within the limit is parsed
 
 
 class _CountingHmac:
-    """The hmac module, counting every MAC computation and tag comparison."""
+    """The hmac module, counting every HMAC computation and tag comparison."""
 
     def __init__(self) -> None:
         self.macs = 0
@@ -453,46 +459,76 @@ class _CountingHmac:
         self.compares += 1
         return hmac.compare_digest(a, b)
 
-    def digest(self, *args: Any) -> bytes:
+    def digest(self, *args: Any, **kwargs: Any) -> bytes:
         self.macs += 1
-        return hmac.digest(*args)
+        return hmac.digest(*args, **kwargs)
 
-    def new(self, *args: Any) -> hmac.HMAC:
+    def new(self, *args: Any, **kwargs: Any) -> hmac.HMAC:
         self.macs += 1
-        return hmac.new(*args)
+        return hmac.new(*args, **kwargs)
 
 
+class _CountingMacs:
+    """signedqueue._mac's entry points, counting every frame MAC started."""
+
+    def __init__(self) -> None:
+        self.frame_macs = 0
+
+    def one_shot(self, *args: Any) -> bytes:
+        self.frame_macs += 1
+        return signedqueue._mac.one_shot(*args)
+
+    def new_mac(self, *args: Any) -> Any:
+        self.frame_macs += 1
+        return signedqueue._mac.new_mac(*args)
+
+
+@pytest.mark.parametrize("mac", ["hmac-sha256", "aes256-gmac"])
 @pytest.mark.parametrize("context", [b"", b"ctx"])
 @pytest.mark.parametrize("size", [10, LARGE + 10])
 def test_one_mac_per_frame_whatever_the_ring_size(
-    monkeypatch: pytest.MonkeyPatch, context: bytes, size: int
+    monkeypatch: pytest.MonkeyPatch, context: bytes, size: int, mac: str
 ) -> None:
-    """Loading computes exactly one MAC and derives no key, even with 1000 keys in the ring."""
+    """
+    Loading computes exactly one frame MAC and derives no key, even with 1000
+    keys in the ring: one HMAC-SHA256 (the tag itself, or the GMAC frame key).
+    """
     secrets_ = {f"key-{i:04d}": i.to_bytes(2, "big") * 16 for i in range(1000)}
     big_ring = Keyring(secrets_, "key-0000")
     producers = {
-        kid: Codec(Keyring({kid: secrets_[kid]}, kid), context=context)
+        kid: Codec(Keyring({kid: secrets_[kid]}, kid), context=context, mac=mac)
         for kid in ("key-0000", "key-0500", "key-0999")
     }
     frames = {kid: codec.dumps("v" * size) for kid, codec in producers.items()}
-    unknown = Codec(Keyring.generate("key-1000"), context=context).dumps("v")
-    consumer = Codec(big_ring, context=context)
+    unknown = Codec(Keyring.generate("key-1000"), context=context, mac=mac).dumps("v")
+    consumer = Codec(big_ring, context=context, mac=mac)
 
-    counter = _CountingHmac()
+    counter = _CountingHmac()  # compares in the codec, HMACs in signedqueue._mac
+    macs = _CountingMacs()
     monkeypatch.setattr(signedqueue._codec, "hmac", counter)
+    monkeypatch.setattr(signedqueue._mac, "hmac", counter)
+    monkeypatch.setattr(signedqueue._codec, "one_shot", macs.one_shot)
+    monkeypatch.setattr(signedqueue._codec, "new_mac", macs.new_mac)
     monkeypatch.setattr(signedqueue._keys, "derive_mac_key", _Tripwire("keys").derive_mac_key)
+
+    def counts() -> tuple[int, int, int]:
+        return macs.frame_macs, counter.macs, counter.compares
+
+    def reset() -> None:
+        macs.frame_macs = counter.macs = counter.compares = 0
+
     for kid, frame in frames.items():
-        counter.macs = counter.compares = 0
+        reset()
         assert "v" * size == consumer.loads(frame)
-        assert (counter.macs, counter.compares) == (1, 1), kid  # constant-time compare
-    counter.macs = counter.compares = 0
+        assert counts() == (1, 1, 1), kid  # constant-time compare
+    reset()
     with pytest.raises(InvalidSignature):
         consumer.loads(flip(frames["key-0999"], -1))
-    assert (counter.macs, counter.compares) == (1, 1)
-    counter.macs = counter.compares = 0
+    assert counts() == (1, 1, 1)
+    reset()
     with pytest.raises(UnknownKey):
         consumer.loads(unknown)
-    assert (counter.macs, counter.compares) == (0, 0)  # unknown ids are not hashed
+    assert counts() == (0, 0, 0)  # unknown ids are not hashed
 
 
 # -- refusals: logging, attributes, pickling ---------------------------------------

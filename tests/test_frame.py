@@ -12,9 +12,11 @@ from signedqueue._frame import (
     TAG_SIZE,
     header_prefix,
     header_suffix,
+    parse_head,
     parse_unverified,
     peek_key_id,
 )
+from signedqueue._mac import ALG_AES256_GMAC, ALG_HMAC_SHA256, TAG_SIZES
 
 ALLOWED = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-"
 NONCE = bytes(range(16))
@@ -23,15 +25,18 @@ NONCE = bytes(range(16))
 def make_frame(
     payload: bytes = b"payload",
     *,
+    alg: int = ALG_HMAC_SHA256,
     serializer: int = 1,
     param: int = 5,
     key_id: bytes = b"alpha",
     created_ms: int = 1_700_000_000_000,
-    tag: bytes = b"\xaa" * TAG_SIZE,
+    tag: bytes | None = None,
 ) -> bytes:
-    """A frame with the given fields and an arbitrary (unchecked) tag."""
+    """A frame with the given fields and an arbitrary (unchecked) tag of the alg's size."""
+    if tag is None:
+        tag = b"\xaa" * TAG_SIZES[alg]
     return (
-        header_prefix(serializer, param, key_id)
+        header_prefix(alg, serializer, param, key_id)
         + header_suffix(created_ms, NONCE, len(payload))
         + payload
         + tag
@@ -55,16 +60,52 @@ def test_header_layout_matches_the_spec() -> None:
         + NONCE
         + struct.pack(">Q", 7)
     )
-    assert expected == header_prefix(2, 0, b"alpha") + header_suffix(1234, NONCE, 7)
+    assert expected == header_prefix(1, 2, 0, b"alpha") + header_suffix(1234, NONCE, 7)
+    gmac = header_prefix(2, 2, 0, b"alpha") + header_suffix(1234, NONCE, 7)
+    assert gmac == expected[:3] + b"\x02" + expected[4:]  # only the algorithm byte differs
 
 
-def test_min_frame_size() -> None:
-    """The smallest frame (1-byte key id, empty payload) is 72 bytes and parses."""
-    smallest = make_frame(b"", key_id=b"k")
-    assert MIN_FRAME_SIZE == len(smallest) == 72
-    assert parse_unverified(smallest).payload_start == parse_unverified(smallest).payload_end
+def test_tag_sizes() -> None:
+    """HMAC-SHA256 (id 1) has a 32-byte tag, AES-256-GMAC (id 2) a 16-byte one."""
+    assert {ALG_HMAC_SHA256: 32, ALG_AES256_GMAC: 16} == TAG_SIZES
+    assert TAG_SIZE == 32  # the default algorithm's
+
+
+@pytest.mark.parametrize(("alg", "smallest_size"), [(ALG_HMAC_SHA256, 72), (ALG_AES256_GMAC, 56)])
+def test_min_frame_size(alg: int, smallest_size: int) -> None:
+    """The smallest frame (1-byte key id, empty payload) is 72 bytes (HMAC) or 56 (GMAC)."""
+    smallest = make_frame(b"", alg=alg, key_id=b"k")
+    assert smallest_size == len(smallest)
+    assert MIN_FRAME_SIZE == 56  # the shortest over every algorithm
+    header = parse_unverified(smallest)
+    assert (alg, header.payload_start) == (header.alg, header.payload_end)
     with pytest.raises(MalformedFrame, match="too short"):
         parse_unverified(smallest[:-1])
+
+
+@pytest.mark.parametrize("alg", [ALG_HMAC_SHA256, ALG_AES256_GMAC])
+def test_tag_size_follows_the_algorithm_byte(alg: int) -> None:
+    """The payload ends one tag length before the end: 32 bytes for HMAC, 16 for GMAC."""
+    raw = make_frame(b"hello" * 10, alg=alg)
+    header = parse_unverified(raw)
+    assert len(raw) - TAG_SIZES[alg] == header.payload_end
+    assert raw[header.payload_start : header.payload_end] == b"hello" * 10
+    # The other algorithm's byte with this tag: the length field no longer matches.
+    other = ALG_AES256_GMAC if alg == ALG_HMAC_SHA256 else ALG_HMAC_SHA256
+    swapped = bytearray(raw)
+    swapped[3] = other
+    with pytest.raises(MalformedFrame, match="payload length field"):
+        parse_unverified(swapped)
+
+
+@pytest.mark.parametrize("alg", [ALG_HMAC_SHA256, ALG_AES256_GMAC])
+def test_parse_head_needs_only_the_header(alg: int) -> None:
+    """parse_head parses from the header bytes and the total size alone."""
+    raw = make_frame(b"x" * 500, alg=alg, key_id=b"k" * 64)
+    head = raw[: _frame.MAX_HEADER_SIZE]
+    assert parse_unverified(raw) == parse_head(head, len(raw))
+    with pytest.raises(MalformedFrame, match="payload length field"):
+        parse_head(head, len(raw) + 1)
 
 
 # -- parsing -------------------------------------------------------------------
@@ -75,6 +116,7 @@ def test_parse_fields(kind: type) -> None:
     """parse_unverified returns every header field and the payload bounds, for any buffer."""
     raw = make_frame(b"hello", serializer=2, param=0, key_id=b"node-1", created_ms=42)
     header = parse_unverified(kind(raw))
+    assert header.alg == ALG_HMAC_SHA256
     assert header.serializer == 2
     assert header.param == 0
     assert header.key_id == b"node-1"
@@ -98,7 +140,8 @@ def test_parse_does_not_verify(frame: bytes) -> None:
         (2, 0, "unsupported frame version 0"),
         (2, 2, "unsupported frame version 2"),
         (3, 0, "unknown MAC algorithm id 0"),
-        (3, 2, "unknown MAC algorithm id 2"),
+        (3, 3, "unknown MAC algorithm id 3"),
+        (3, 255, "unknown MAC algorithm id 255"),
         (4, 0, "unknown serializer id 0"),
         (4, 4, "unknown serializer id 4"),
         (4, 255, "unknown serializer id 255"),
@@ -113,11 +156,19 @@ def test_parse_refuses_bad_lead_bytes(frame: bytes, offset: int, value: int, mes
         parse_unverified(bad)
 
 
-@pytest.mark.parametrize("param", [0, 1, 5, 6, 255])
+@pytest.mark.parametrize("param", [0, 1, 5, 6, 0x7F, 0x85, 0x80, 0x84, 0x86, 255])
 def test_parse_param_by_serializer(param: int) -> None:
-    """Any param parses for the pickle family; msgpack frames must carry param 0."""
+    """
+    The pickle family takes any protocol number below 0x80, and the out-of-band
+    flag 0x80 only with protocol 5 (0x85); msgpack frames must carry param 0.
+    """
     for serializer in (_frame.SERIALIZER_PICKLE, _frame.SERIALIZER_CLOUDPICKLE):
-        assert param == parse_unverified(make_frame(serializer=serializer, param=param)).param
+        raw = make_frame(serializer=serializer, param=param)
+        if param < 0x80 or param == 0x85:
+            assert param == parse_unverified(raw).param
+        else:
+            with pytest.raises(MalformedFrame, match="out-of-band buffers need pickle protocol 5"):
+                parse_unverified(raw)
     msgpack_frame = make_frame(serializer=_frame.SERIALIZER_MSGPACK, param=param)
     if param == 0:
         assert parse_unverified(msgpack_frame).param == 0
@@ -175,16 +226,17 @@ def test_trailing_bytes_refused(frame: bytes, extra: bytes) -> None:
 def test_length_field_must_match(declared: int) -> None:
     """A payload length field that does not match the bytes present is refused."""
     raw = make_frame(b"payload")  # 7 bytes
-    at = len(header_prefix(1, 5, b"alpha")) + 8 + 16
+    at = len(header_prefix(1, 1, 5, b"alpha")) + 8 + 16
     bad = raw[:at] + struct.pack(">Q", declared) + raw[at + 8 :]
     with pytest.raises(MalformedFrame, match="payload length field"):
         parse_unverified(bad)
     assert struct.unpack(">Q", raw[at : at + 8])[0] == 7  # the offset is the length field
 
 
-def test_header_longer_than_frame() -> None:
+@pytest.mark.parametrize("alg", [ALG_HMAC_SHA256, ALG_AES256_GMAC])
+def test_header_longer_than_frame(alg: int) -> None:
     """A key id length that runs past the end of a short frame is refused."""
-    raw = make_frame(b"", key_id=b"k")  # 72 bytes, exactly the minimum
+    raw = make_frame(b"", alg=alg, key_id=b"k")  # the smallest frame of its algorithm
     bad = bytearray(raw)
     bad[6] = 64
     with pytest.raises(MalformedFrame, match="too short for its header"):

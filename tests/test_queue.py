@@ -22,7 +22,6 @@ import os
 import pickle
 import queue
 import shlex
-import threading
 import time
 import uuid
 import warnings
@@ -32,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from processes import join_all, start_all
+from processes import Background, join_all, start_all
 from signedqueue import (
     Codec,
     ForbiddenClass,
@@ -105,34 +104,6 @@ def wait_until(predicate: Callable[[], bool], what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"gave up waiting until {what}")
         time.sleep(0.01)
-
-
-class Background:
-    """Runs a call in a daemon thread and reports its result or exception."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._box: dict[str, Any] = {}
-        self._thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        try:
-            self._box["value"] = fn(*args)
-        except BaseException as exc:  # reported by result()
-            self._box["error"] = exc
-
-    @property
-    def running(self) -> bool:
-        """True while the call has not returned."""
-        return self._thread.is_alive()
-
-    def result(self) -> Any:
-        """Wait up to WAIT seconds; return the call's value or raise its error."""
-        self._thread.join(WAIT)
-        assert not self._thread.is_alive(), f"the call did not return within {WAIT} s"
-        if "error" in self._box:
-            raise self._box["error"]
-        return self._box.get("value")
 
 
 BAD_FRAMES = [

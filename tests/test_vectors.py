@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import ctypes
 import hashlib
 import hmac
 import importlib.util
@@ -15,10 +16,12 @@ from types import ModuleType
 from typing import Any, TypeVar
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import signedqueue
-from signedqueue import Codec, Keyring, RejectedFrame
-from signedqueue._keys import MAC_KEY_INFO, derive_mac_key
+from signedqueue import Codec, Keyring, RejectedFrame, _frame
+from signedqueue._keys import MAC_KEY_INFO, MAC_KEY_INFOS, derive_mac_key
+from signedqueue._mac import ALG_AES256_GMAC
 
 VECTORS = Path(__file__).parent / "vectors"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -63,6 +66,18 @@ def codec_for(vector: dict[str, Any]) -> Codec:
     )
 
 
+def load_streamed(codec: Codec, frame: bytes) -> Any:
+    """Codec._load_streamed of *frame*, copied in by small uneven pieces."""
+    pos = 0
+
+    def fill(view: memoryview) -> None:
+        nonlocal pos
+        view[:] = frame[pos : pos + len(view)]
+        pos += len(view)
+
+    return codec._load_streamed(len(frame), fill)
+
+
 # -- the vectors ---------------------------------------------------------------
 
 
@@ -78,17 +93,49 @@ def test_valid_unseal(vector: dict[str, Any]) -> None:
 
 @json_parametrize("frames_valid.json")
 def test_valid_loads(vector: dict[str, Any]) -> None:
-    """A valid frame loads to the object the vector records (or the payload error)."""
+    """
+    A valid frame loads to the object the vector records (or the payload
+    error), from bytes, from a bytearray and streamed in piece by piece.
+    """
     codec = codec_for(vector)
     frame = bytes.fromhex(vector["frame"])
-    if "loads_error" in vector:
-        with pytest.raises(RejectedFrame) as info:
-            codec.loads(frame)
-        assert vector["loads_error"] == type(info.value).__name__
-    elif "object" in vector:
-        assert vector["object"] == codec.loads(frame)
-    else:
-        assert vector["object_repr"] == repr(codec.loads(frame))
+    loaders: list[Callable[[], Any]] = [
+        lambda: codec.loads(frame),
+        lambda: codec.loads(bytearray(frame)),
+        lambda: load_streamed(codec, frame),
+    ]
+    for load in loaders:
+        if "loads_error" in vector:
+            with pytest.raises(RejectedFrame) as info:
+                load()
+            assert vector["loads_error"] == type(info.value).__name__
+        elif "object" in vector:
+            assert vector["object"] == load()
+        else:
+            assert vector["object_repr"] == repr(load())
+
+
+@json_parametrize("frames_valid.json")
+def test_valid_out_of_band_layout(vector: dict[str, Any]) -> None:
+    """The library finds exactly the vector's buffers, each 64-byte aligned in the frame."""
+    frame = bytearray.fromhex(vector["frame"])
+    header = _frame.parse_unverified(frame)
+    if "buffers" not in vector:
+        assert not header.param & _frame.OUT_OF_BAND
+        return
+    assert header.param == 0x85
+    payload = memoryview(frame)[header.payload_start : header.payload_end]
+    _, buffers = _frame.split_buffers(payload, header.payload_start)
+    assert vector["buffers"] == [bytes(b).hex() for b in buffers]
+    for buffer in buffers:
+        if len(buffer):
+            offset = _address(buffer) - _address(memoryview(frame))
+            assert offset % _frame.BUFFER_ALIGN == 0
+
+
+def _address(view: memoryview) -> int:
+    """The address of the first byte of a (writable, non-empty) view."""
+    return ctypes.addressof((ctypes.c_char * len(view)).from_buffer(view))
 
 
 @json_parametrize("frames_invalid.json")
@@ -98,6 +145,20 @@ def test_invalid_loads(vector: dict[str, Any]) -> None:
     frame = bytes.fromhex(vector["frame"])
     with pytest.raises(RejectedFrame) as info:
         codec.loads(frame)
+    assert vector["error"] == type(info.value).__name__
+    assert frame == info.value.frame
+    with pytest.raises(RejectedFrame) as info:
+        codec.loads(bytearray(frame))
+    assert vector["error"] == type(info.value).__name__
+
+
+@json_parametrize("frames_invalid.json")
+def test_invalid_load_streamed(vector: dict[str, Any]) -> None:
+    """A frame streamed in piece by piece is refused exactly like loads refuses it."""
+    codec = codec_for(vector)
+    frame = bytes.fromhex(vector["frame"])
+    with pytest.raises(RejectedFrame) as info:
+        load_streamed(codec, frame)
     assert vector["error"] == type(info.value).__name__
     assert frame == info.value.frame
 
@@ -128,6 +189,15 @@ def test_derive_mac_key(vector: dict[str, Any]) -> None:
     }
     assert len(bytes.fromhex(vector["mac_key"])) == 32
     assert bytes.fromhex(vector["mac_key"]) == derive_mac_key(secret)
+    assert vector["hkdf_gmac"] == {
+        "hash": "sha256", "salt": None, "length": 32,
+        "info": MAC_KEY_INFOS[ALG_AES256_GMAC].decode(),
+    }
+    gmac_key = bytes.fromhex(vector["gmac_key"])
+    assert gmac_key == derive_mac_key(secret, ALG_AES256_GMAC) != derive_mac_key(secret)
+    example = vector["gmac_frame_key"]
+    frame_key = hmac.new(gmac_key, bytes.fromhex(example["nonce"]), hashlib.sha256).digest()
+    assert example["frame_key"] == frame_key.hex()
 
 
 @json_parametrize("keys.json")
@@ -140,9 +210,15 @@ def test_frames_are_tagged_with_the_vector_mac_key(vector: dict[str, Any]) -> No
         "version": 1,
         "keys": {"v": {"secret": vector["secret_base64"], "state": "active", "created": 0}},
     })
+    gmac_key = bytes.fromhex(vector["gmac_key"])
     for ring in (Keyring({"v": secret}, "v"), Keyring.from_json(document)):
         frame = Codec(ring, context=b"ctx").dumps([vector["id"]])
         assert hmac.new(mac_key, frame[:-32] + b"ctx", hashlib.sha256).digest() == frame[-32:]
+        frame = Codec(ring, context=b"ctx", mac="aes256-gmac").dumps([vector["id"]])
+        nonce = ref.parse(frame).nonce
+        frame_key = hmac.new(gmac_key, nonce, hashlib.sha256).digest()
+        tag = AESGCM(frame_key).encrypt(nonce[:12], b"", frame[:-16] + b"ctx")
+        assert tag == frame[-16:]
 
 
 def test_key_vectors_cover_every_size() -> None:
@@ -211,15 +287,17 @@ def test_pickle_dumps_layout(protocol: int, context: bytes) -> None:
     assert obj == codec.loads(frame)
 
 
+@pytest.mark.parametrize("mac", ["hmac-sha256", "aes256-gmac"])
 @pytest.mark.parametrize("size", [0, 1000, 64 * 1024 - 1, 64 * 1024, 200_000])
-def test_seal_layout_across_mac_paths(size: int) -> None:
+def test_seal_layout_across_mac_paths(size: int, mac: str) -> None:
     """Small and large payloads (hashed in one piece or incrementally) carry the same tag."""
     ring = Keyring.generate()
-    codec = Codec(ring, serializer="msgpack", context=b"ctx")
+    codec = Codec(ring, serializer="msgpack", context=b"ctx", mac=mac)
     payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
     frame = codec.seal(payload)
 
     parsed = ref.parse(frame)
+    assert ref.MAC_NAMES[parsed.alg] == mac
     assert ref.SERIALIZERS["msgpack"] == parsed.serializer
     assert parsed.param == 0
     assert payload == parsed.payload
@@ -235,13 +313,44 @@ def test_seal_layout_across_mac_paths(size: int) -> None:
         (pickle.dumps([1], protocol=0), 0),
         (b"\x80", 0),
         (b"", 0),
+        (b"\x80\x85K\x01.", 5),
+        (b"\x80\xffK\x01.", 0x7F),
     ],
-    ids=["p5", "p2", "p1", "p0", "lone-0x80", "empty"],
+    ids=["p5", "p2", "p1", "p0", "lone-0x80", "empty", "flag-0x85", "flag-0xff"],
 )
 def test_seal_param_for_raw_pickles(payload: bytes, param: int) -> None:
-    """seal writes param = payload[1] for a payload starting 0x80, else 0."""
+    """
+    seal writes param = payload[1] without the out-of-band bit 0x80 for a
+    payload starting 0x80, else 0: a raw payload never claims buffers, so its
+    frame always parses and unseals, and the reference builds the same param.
+    """
     codec = Codec(Keyring.generate())
-    assert param == ref.parse(codec.seal(payload)).param
+    frame = codec.seal(payload)
+    assert param == ref.parse(frame).param
+    assert param == ref.parse(ref.Spec(payload, nonce=bytes(16)).build()).param
+    assert payload == codec.unseal(frame)
+
+
+@pytest.mark.parametrize("mac", ["hmac-sha256", "aes256-gmac"])
+@pytest.mark.parametrize("key_id", ["k", "producer-1", "K" * 64])
+def test_out_of_band_dumps_layout(mac: str, key_id: str) -> None:
+    """Codec.dumps lays out out-of-band buffers exactly as the reference splits them."""
+    ring = Keyring.generate(key_id)
+    codec = Codec(ring, context=b"ctx", mac=mac)
+    data: list[bytes | bytearray] = [bytearray(b"first"), bytes(range(256)) * 3, b""]
+    frame = codec.dumps([pickle.PickleBuffer(d) for d in data] + ["in band"])
+
+    parsed = ref.parse(frame)
+    assert ref.OOB_PARAM == parsed.param
+    assert ref.MAC_NAMES[parsed.alg] == mac
+    pickled, buffers = ref.split_oob(parsed.payload, len(parsed.signed) - len(parsed.payload))
+    assert [bytes(d) for d in data] == buffers
+    assert pickled[:2] == b"\x80\x05"
+    assert ref.compute_tag(_secret(ring, key_id), parsed.signed, b"ctx") == parsed.tag
+    loaded = codec.loads(frame)
+    assert [bytes(d) for d in data] + ["in band"] == [
+        x if isinstance(x, str) else bytes(x) for x in loaded
+    ]
 
 
 def test_nonces_differ_between_frames() -> None:
@@ -262,3 +371,18 @@ def test_rotated_key_id_on_the_wire() -> None:
     assert new_id == parsed.key_id
     assert ref.compute_tag(_secret(ring, new_id), parsed.signed, b"") == parsed.tag
     assert ref.compute_tag(_secret(ring, "first"), parsed.signed, b"") != parsed.tag
+
+
+@pytest.mark.parametrize("vid", ["worked-example", "worked-example-gmac", "worked-example-oob"])
+def test_worked_examples_in_the_wire_format_document(vid: str) -> None:
+    """The hex dumps of docs/explanation/wire-format.md are the worked-example vectors."""
+    doc = (Path(__file__).parents[1] / "docs" / "explanation" / "wire-format.md").read_text(
+        encoding="utf-8"
+    )
+    (vector,) = [v for v in load_vectors("frames_valid.json") if v["id"] == vid]
+    frame = bytes.fromhex(vector["frame"])
+    dump = "\n".join(
+        f"{i:04x}  " + " ".join(f"{b:02x}" for b in frame[i : i + 16])
+        for i in range(0, len(frame), 16)
+    )
+    assert dump + "\n```" in doc

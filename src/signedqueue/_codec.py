@@ -24,8 +24,10 @@ from . import _frame
 from ._allowlist import AllowEntry, Allowlist, Policy, Refusal
 from ._audit import AuditReport, append_sighting
 from ._keys import Keyring
+from ._mac import MAC_IDS, MAC_NAMES, TAG_SIZES, new_mac, one_shot
 from ._msgpack import InvalidFields, UnregisteredClass
 from ._scan import ScanError, pickle_globals
+from ._sealing import Sealing, verify_chunks
 from ._serializers import (
     DEFAULT_PROTOCOL,
     Serializer,
@@ -126,6 +128,12 @@ class Codec:
         unsafe_allow_dangerous: Exact names admitted even though calling them
             can run code (``"functools.partial"``, ...).  Same warning.
         clock: Returns the current time in Unix seconds (for tests).
+        mac: The MAC algorithm new frames are signed with:
+            ``"hmac-sha256"`` (default) or ``"aes256-gmac"`` (several times
+            faster for large payloads; see the wire format).
+        accept_macs: The MAC algorithms a frame may be signed with to be
+            accepted (default: only *mac*).  List both while a fleet moves
+            from one to the other.
 
     .. danger::
         ``unsafe_trust_signed_frames`` and ``unsafe_allow_dangerous`` turn
@@ -150,6 +158,8 @@ class Codec:
         unsafe_audit: bool = False,
         audit_log: str | os.PathLike[str] | None = None,
         clock: Callable[[], float] = time.time,
+        mac: str = "hmac-sha256",
+        accept_macs: Iterable[str] | None = None,
     ) -> None:
         if not isinstance(keyring, Keyring):
             raise TypeError(f"keyring must be a Keyring, not {type(keyring).__name__}")
@@ -159,6 +169,12 @@ class Codec:
             raise ValueError("max_age must be positive seconds or None")
         if clock_skew < 0:
             raise ValueError("clock_skew must be >= 0")
+        accept_macs = [mac] if accept_macs is None else list(accept_macs)
+        for name in (mac, *accept_macs):
+            if name not in MAC_IDS:
+                raise ValueError(
+                    f"unknown MAC algorithm {name!r}; use one of {', '.join(MAC_IDS)}"
+                )
         if max_frame_size < _frame.MIN_FRAME_SIZE:
             raise ValueError(f"max_frame_size must be at least {_frame.MIN_FRAME_SIZE}")
         if allow is not None and not isinstance(allow, Allowlist):
@@ -222,6 +238,9 @@ class Codec:
         self._max_frame_size = max_frame_size
         self._clock = clock
         self._prefixes: dict[tuple[bytes, int], bytes] = {}
+        self._alg = MAC_IDS[mac]
+        self._tag_size = TAG_SIZES[self._alg]
+        self._accept = frozenset(MAC_IDS[name] for name in accept_macs)
         # Everything needed to rebuild this codec in a child process.
         self._options: dict[str, Any] = dict(
             serializer=serializer,
@@ -237,6 +256,8 @@ class Codec:
             unsafe_audit=unsafe_audit,
             audit_log=audit_log,
             clock=clock,
+            mac=mac,
+            accept_macs=accept_macs,
         )
 
     # -- attributes --------------------------------------------------------
@@ -298,8 +319,68 @@ class Codec:
         Serialization errors (an unpicklable object, a type msgpack cannot
         carry) propagate unchanged.
         """
-        payload, param = self._serializer.dumps(obj)
-        return self._seal(payload, param)
+        payload, param, buffers = self._serializer.dumps_oob(obj)
+        if not buffers:
+            return self._seal(payload, param)
+        return self._sealing(payload, param, buffers).to_bytes()
+
+    def _prepare(self, obj: Any) -> bytes | Sealing:
+        """
+        Serialize *obj* (errors raise here) and return a small frame whole,
+        or a large one as a :class:`Sealing` whose tag its writer computes.
+        """
+        payload, param, buffers = self._serializer.dumps_oob(obj)
+        if not buffers and len(payload) < _LARGE:
+            return self._seal(payload, param)
+        return self._sealing(payload, param, buffers)
+
+    def _prefix(self, key_id: bytes, param: int) -> bytes:
+        prefix = self._prefixes.get((key_id, param))
+        if prefix is None:
+            if len(self._prefixes) > 64:  # keys rotated many times
+                self._prefixes.clear()
+            prefix = _frame.header_prefix(self._alg, self._serializer.id, param, key_id)
+            self._prefixes[(key_id, param)] = prefix
+        return prefix
+
+    def _too_large(self, size: int) -> ValueError:
+        return ValueError(
+            f"the frame would be {size} bytes, over max_frame_size="
+            f"{self._max_frame_size}; raise max_frame_size on producers and "
+            "consumers alike"
+        )
+
+    def _sealing(
+        self,
+        payload: Buffer,
+        param: int,
+        buffers: list[memoryview],
+        created_ms: int | None = None,
+        nonce: bytes | None = None,
+    ) -> Sealing:
+        key_id, key = self._keyring._signing(self._alg)
+        prefix = self._prefix(key_id, param)
+        nonce = os.urandom(_frame.NONCE_SIZE) if nonce is None else nonce
+        created = int(self._clock() * 1000) if created_ms is None else created_ms
+        pieces: list[Buffer]
+        if buffers:
+            table, pads, size = _frame.buffer_layout(
+                len(prefix) + _frame.MID_SIZE, len(payload), [len(b) for b in buffers]
+            )
+            pieces = [b"", table, payload]
+            for pad, buffer in zip(pads, buffers, strict=True):
+                if pad:
+                    pieces.append(bytes(pad))
+                pieces.append(buffer)
+        else:
+            size = len(payload)
+            pieces = [b"", payload]
+        pieces[0] = prefix + _frame.header_suffix(created, nonce, size)
+        total = len(pieces[0]) + size + self._tag_size
+        if total > self._max_frame_size:
+            raise self._too_large(total)
+        views = [memoryview(p).cast("B") for p in pieces]
+        return Sealing(views, self._alg, key, nonce, self._context, self._tag_size)
 
     def seal(self, payload: Buffer) -> bytes:
         """
@@ -317,35 +398,18 @@ class Codec:
         created_ms: int | None = None,
         nonce: bytes | None = None,
     ) -> bytes:
-        key_id, key = self._keyring._signing()
-        prefix = self._prefixes.get((key_id, param))
-        if prefix is None:
-            if len(self._prefixes) > 64:  # keys rotated many times
-                self._prefixes.clear()
-            prefix = _frame.header_prefix(self._serializer.id, param, key_id)
-            self._prefixes[(key_id, param)] = prefix
         size = len(payload)
-        header = prefix + _frame.header_suffix(
-            int(self._clock() * 1000) if created_ms is None else created_ms,
-            os.urandom(_frame.NONCE_SIZE) if nonce is None else nonce,
-            size,
+        if size >= _LARGE:
+            return self._sealing(payload, param, [], created_ms, nonce).to_bytes()
+        key_id, key = self._keyring._signing(self._alg)
+        nonce = os.urandom(_frame.NONCE_SIZE) if nonce is None else nonce
+        header = self._prefix(key_id, param) + _frame.header_suffix(
+            int(self._clock() * 1000) if created_ms is None else created_ms, nonce, size
         )
-        if size + len(header) + _frame.TAG_SIZE > self._max_frame_size:
-            raise ValueError(
-                f"the frame would be {size + len(header) + _frame.TAG_SIZE} bytes, "
-                f"over max_frame_size={self._max_frame_size}; raise max_frame_size "
-                "on producers and consumers alike"
-            )
-        ctx = self._context
-        if size < _LARGE:
-            body = header + payload
-            tag = hmac.digest(key, body + ctx if ctx else body, "sha256")
-            return body + tag
-        mac = hmac.new(key, header, "sha256")
-        mac.update(payload)
-        if ctx:
-            mac.update(ctx)
-        return b"".join((header, payload, mac.digest()))
+        if size + len(header) + self._tag_size > self._max_frame_size:
+            raise self._too_large(size + len(header) + self._tag_size)
+        body = header + payload
+        return body + one_shot(self._alg, key, nonce, body, self._context)
 
     def reseal(self, frame: Buffer) -> bytes:
         """
@@ -358,8 +422,17 @@ class Codec:
         """
         try:
             header, payload = self._open(frame)
+            if header.param & _frame.OUT_OF_BAND:
+                # The payload (buffer table, pickle, buffers) is kept as it
+                # is; only the header before it may change length (the key
+                # id), so the buffers are laid out again for their alignment.
+                pickled, buffers = _frame.split_buffers(payload, header.payload_start)
         except RejectedFrame as exc:
             raise self._refused(exc, frame) from None
+        if header.param & _frame.OUT_OF_BAND:
+            return self._sealing(
+                pickled, header.param, buffers, header.created_ms, header.nonce
+            ).to_bytes()
         return self._seal(payload, header.param, header.created_ms, header.nonce)
 
     def verify(self, frame: Buffer) -> FrameInfo:
@@ -408,6 +481,38 @@ class Codec:
         except RejectedFrame as exc:
             raise self._refused(exc, frame) from None
 
+    def _load_streamed(self, size: int, fill: Callable[[memoryview], None]) -> Any:
+        """
+        :meth:`loads` of a frame of *size* bytes that *fill* copies into a
+        private buffer piece by piece (from shared memory): each piece is
+        hashed as it arrives, and the whole frame is always read, refused or
+        not.  *size* must be within ``max_frame_size``.
+        """
+        buf = bytearray(size)
+        view = memoryview(buf)
+        try:
+            head = min(size, _frame.MAX_HEADER_SIZE)
+            fill(view[:head])
+            try:
+                header, key = self._check_head(view[:head], size)
+            except RejectedFrame:
+                fill(view[head:])
+                raise
+            end = header.payload_end
+            if head >= end:  # a tiny frame: nothing to stream
+                fill(view[head:])
+                self._check_tag(header, key, view)
+            else:
+                mac = new_mac(header.alg, key, header.nonce)
+                mac.update(view[:head])
+                tag = verify_chunks(mac, view, head, end, fill, self._context)
+                if not hmac.compare_digest(tag, view[end:]):
+                    raise self._bad_tag()
+            self._check_after_tag(header)
+            return self._deserialize(header, view[header.payload_start : end])
+        except RejectedFrame as exc:
+            raise self._refused(exc, buf) from None
+
     def unseal(self, frame: Buffer) -> bytes:
         """
         Verify *frame* and return its payload without deserializing it.
@@ -422,15 +527,28 @@ class Codec:
         view = memoryview(frame)
         if view.itemsize != 1 or view.ndim != 1:
             view = view.cast("B")  # e.g. a memoryview of an array of ints
-        size = view.nbytes
+        header, key = self._check_head(view, view.nbytes)
+        self._check_tag(header, key, view)
+        self._check_after_tag(header)
+        return header, view[header.payload_start : header.payload_end]
+
+    def _check_head(self, view: memoryview, size: int) -> tuple[_frame.Header, bytes]:
+        """Size limit, strict parse, MAC algorithm and key: the checks before the tag."""
         if size > self._max_frame_size:
             raise FrameTooLarge(
                 f"frame of {size} bytes is over max_frame_size={self._max_frame_size}",
                 size=size,
                 limit=self._max_frame_size,
             )
-        header = _frame.parse_unverified(view)
-        key = self._keyring._mac_key(header.key_id)
+        header = _frame.parse_head(view, size)
+        if header.alg not in self._accept:
+            accepted = sorted(MAC_NAMES[a] for a in self._accept)
+            raise InvalidSignature(
+                f"frame is signed with {MAC_NAMES[header.alg]!r}, which this codec "
+                f"does not accept (it accepts {accepted!r}); to accept it, add "
+                f"accept_macs={sorted({*accepted, MAC_NAMES[header.alg]})!r}"
+            )
+        key = self._keyring._mac_key(header.key_id, header.alg)
         if key is None:
             key_id = header.key_id.decode("ascii")
             raise UnknownKey(
@@ -438,19 +556,23 @@ class Codec:
                 f"not hold (it holds {list(self._keyring.key_ids)!r})",
                 key_id=key_id,
             )
+        return header, key
+
+    def _check_tag(self, header: _frame.Header, key: bytes, view: memoryview) -> None:
         end = header.payload_end
-        ctx = self._context
-        if ctx:
-            mac = hmac.new(key, view[:end], "sha256")
-            mac.update(ctx)
-            expected = mac.digest()
-        else:
-            expected = hmac.digest(key, view[:end], "sha256")
+        expected = one_shot(header.alg, key, header.nonce, view[:end], self._context)
         if not hmac.compare_digest(expected, view[end:]):
-            raise InvalidSignature(
-                "tag does not match: the frame was altered, or sealed under another "
-                "key with this id or another context"
-            )
+            raise self._bad_tag()
+
+    @staticmethod
+    def _bad_tag() -> InvalidSignature:
+        return InvalidSignature(
+            "tag does not match: the frame was altered, or sealed under another "
+            "key with this id or another context"
+        )
+
+    def _check_after_tag(self, header: _frame.Header) -> None:
+        """Age and serializer: the checks between the tag and loading."""
         age_ms = self._clock() * 1000.0 - header.created_ms
         if age_ms < -self._skew_ms:
             raise ExpiredFrame(
@@ -470,11 +592,17 @@ class Codec:
                 f"{_frame.SERIALIZER_NAMES[header.serializer]!r} but this codec "
                 f"reads {self._serializer.name!r}"
             )
-        return header, view[header.payload_start : end]
 
     def _deserialize(self, header: _frame.Header, payload: memoryview) -> Any:
+        buffers = None
+        if header.param & _frame.OUT_OF_BAND:
+            payload, buffers = _frame.split_buffers(payload, header.payload_start)
+            if payload.readonly:
+                # Arrays over a read-only frame (bytes) would be read-only,
+                # unlike arrays loaded from an ordinary pickle: copy them.
+                buffers = [memoryview(bytearray(b)) for b in buffers]
         try:
-            return self._serializer.loads(payload, header.param)
+            return self._serializer.loads(payload, header.param, buffers)
         except Refusal as exc:
             refusals = self._all_refusals(payload, exc)
             entries = [r.entry for r in refusals if r.entry]

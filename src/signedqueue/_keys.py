@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ._mac import ALG_AES256_GMAC, ALG_HMAC_SHA256
 from .exceptions import KeyringError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,18 +66,24 @@ STATES = (STAGED, ACTIVE, PREVIOUS)
 #: HKDF ``info`` for the HMAC-SHA256 frame key (wire format v1).  Every other
 #: use of a secret must derive its own key with its own ``info``.
 MAC_KEY_INFO = b"signedqueue v1 frame-mac hmac-sha256"
+#: HKDF ``info`` of each MAC algorithm's sub-key, by algorithm id.
+MAC_KEY_INFOS = {
+    ALG_HMAC_SHA256: MAC_KEY_INFO,
+    ALG_AES256_GMAC: b"signedqueue v1 frame-mac aes256-gmac",
+}
 
 _KEY_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}\Z")
 _FILE_FORMAT = "signedqueue-keyring"
 _FILE_VERSION = 1
 
 
-def derive_mac_key(secret: bytes) -> bytes:
+def derive_mac_key(secret: bytes, alg: int = ALG_HMAC_SHA256) -> bytes:
     """
-    Derive the 32-byte HMAC-SHA256 key of wire format v1 from a stored secret.
+    Derive the 32-byte sub-key of MAC algorithm *alg* (default HMAC-SHA256)
+    of wire format v1 from a stored secret.
     """
     return HKDF(
-        algorithm=hashes.SHA256(), length=32, salt=None, info=MAC_KEY_INFO
+        algorithm=hashes.SHA256(), length=32, salt=None, info=MAC_KEY_INFOS[alg]
     ).derive(secret)
 
 
@@ -118,10 +125,10 @@ class _State:
     secrets: dict[str, bytes]
     created: dict[str, float]
     states: dict[str, str]
-    # MAC keys by the key id's ASCII bytes, as they appear on the wire.
-    mac_keys: dict[bytes, bytes]
+    # By MAC algorithm id: MAC keys by the key id's ASCII bytes, as they
+    # appear on the wire.
+    mac_keys: dict[int, dict[bytes, bytes]]
     active_id_bytes: bytes
-    active_mac_key: bytes
 
 
 def _oldest_first(st: _State) -> tuple[str, ...]:
@@ -135,7 +142,7 @@ def build_state(
     keys: Mapping[str, bytes], states: Mapping[str, str], created: Mapping[str, float]
 ) -> _State:
     """Validate a whole ring and derive its MAC keys."""
-    mac_keys: dict[bytes, bytes] = {}
+    mac_keys: dict[int, dict[bytes, bytes]] = {alg: {} for alg in MAC_KEY_INFOS}
     for kid, secret in keys.items():
         check_key_id(kid)
         if not isinstance(secret, (bytes, bytearray)):
@@ -148,7 +155,8 @@ def build_state(
         state = states.get(kid)
         if state not in STATES:
             raise ValueError(f"key {kid!r} has state {state!r}; use one of {list(STATES)}")
-        mac_keys[kid.encode("ascii")] = derive_mac_key(bytes(secret))
+        for alg, by_id in mac_keys.items():
+            by_id[kid.encode("ascii")] = derive_mac_key(bytes(secret), alg)
     actives = sorted(k for k in keys if states[k] == ACTIVE)
     if len(actives) != 1:
         raise KeyringError(
@@ -165,7 +173,6 @@ def build_state(
         states={k: states[k] for k in keys},
         mac_keys=mac_keys,
         active_id_bytes=active_bytes,
-        active_mac_key=mac_keys[active_bytes],
     )
 
 
@@ -497,18 +504,18 @@ class Keyring:
             source.refresh(self)
         return self._state
 
-    def _signing(self) -> tuple[bytes, bytes]:
-        """The active key id (ASCII bytes) and its MAC key."""
+    def _signing(self, alg: int = ALG_HMAC_SHA256) -> tuple[bytes, bytes]:
+        """The active key id (ASCII bytes) and its MAC key for *alg*."""
         st = self._current()
-        return st.active_id_bytes, st.active_mac_key
+        return st.active_id_bytes, st.mac_keys[alg][st.active_id_bytes]
 
-    def _mac_key(self, key_id: bytes) -> bytes | None:
+    def _mac_key(self, key_id: bytes, alg: int = ALG_HMAC_SHA256) -> bytes | None:
         """The MAC key for a key id as it appears on the wire, or ``None``."""
-        key = self._current().mac_keys.get(key_id)
+        key = self._current().mac_keys[alg].get(key_id)
         if key is None and self._source is not None and self._source.watch:
             # A key staged moments ago: look again now (rate-limited).
             self._source.refresh(self, urgent=True)
-            key = self._state.mac_keys.get(key_id)
+            key = self._state.mac_keys[alg].get(key_id)
         return key
 
     # -- pickling: only to spawn a child process ---------------------------

@@ -2,8 +2,11 @@
 Raw records over a pipe: the transport under :class:`SignedQueue`.
 
 A record is an 8-byte big-endian length followed by that many bytes (one
-frame).  Nothing here deserializes anything: records are read into a
-preallocated buffer and handed to the codec, which verifies them first.
+frame).  If the length's top bit is set, the record instead names a
+shared-memory segment that holds the frame (see :mod:`signedqueue._shm`):
+an 8-byte big-endian frame size, then the segment's ASCII name.  Nothing here
+deserializes anything: records are read into a preallocated buffer and
+handed to the codec, which verifies them first.
 
 Writes are vectored (the length and the frame go out in one ``writev`` with
 no concatenation), and the pipe buffer is enlarged where the OS allows, so
@@ -17,10 +20,22 @@ import struct
 import sys
 
 from ._frame import KEPT_OF_OVERSIZED
+from ._sealing import Sealing
 
-__all__ = ["RECORD_HEADER", "Oversized", "enlarge_pipe", "read_record", "write_record"]
+__all__ = [
+    "RECORD_HEADER",
+    "Oversized",
+    "SegmentRef",
+    "enlarge_pipe",
+    "read_record",
+    "write_record",
+    "write_segment_ref",
+]
 
 RECORD_HEADER = struct.Struct(">Q")
+#: Top bit of a record's length: the record names a shared-memory segment.
+SEGMENT = 1 << 63
+_MAX_SEGMENT_RECORD = 8 + 255
 #: Pipe buffer size requested on Linux (the unprivileged maximum by default).
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031  # Linux fcntl
@@ -36,6 +51,17 @@ class Oversized:
         self.prefix = prefix
 
 
+class SegmentRef:
+    """A record naming the shared-memory segment that holds a frame."""
+
+    __slots__ = ("name", "record", "size")
+
+    def __init__(self, size: int, name: str, record: bytes) -> None:
+        self.size = size
+        self.name = name
+        self.record = record
+
+
 def enlarge_pipe(fd: int) -> None:
     """Ask for a 1 MiB pipe buffer; silently keep the default if refused."""
     if sys.platform.startswith("linux"):
@@ -47,9 +73,25 @@ def enlarge_pipe(fd: int) -> None:
             pass
 
 
-def write_record(fd: int, frame: bytes | bytearray | memoryview) -> None:
-    """Write one record, however many partial writes it takes."""
-    views = [memoryview(RECORD_HEADER.pack(len(frame))), memoryview(frame).cast("B")]
+def write_record(fd: int, frame: bytes | bytearray | memoryview | Sealing) -> None:
+    """
+    Write one record, however many partial writes it takes.  A
+    :class:`Sealing` is hashed chunk by chunk as it is written.
+    """
+    if isinstance(frame, Sealing):
+        _write_views(fd, [memoryview(RECORD_HEADER.pack(frame.size))])
+        frame.stream(lambda view: _write_views(fd, [view]))
+        return
+    _write_views(fd, [memoryview(RECORD_HEADER.pack(len(frame))), memoryview(frame).cast("B")])
+
+
+def write_segment_ref(fd: int, size: int, name: str) -> None:
+    """Write a record naming the segment *name* that holds a *size*-byte frame."""
+    body = RECORD_HEADER.pack(size) + name.encode("ascii")
+    _write_views(fd, [memoryview(RECORD_HEADER.pack(SEGMENT | len(body)) + body)])
+
+
+def _write_views(fd: int, views: list[memoryview]) -> None:
     while views:
         written = os.writev(fd, views)
         while views and written >= len(views[0]):
@@ -67,7 +109,7 @@ def _read_into(fd: int, view: memoryview) -> None:
         view = view[n:]
 
 
-def read_record(fd: int, limit: int) -> bytearray | Oversized:
+def read_record(fd: int, limit: int) -> bytearray | Oversized | SegmentRef:
     """
     Read one record.  A record longer than *limit* is drained in chunks and
     returned as :class:`Oversized`, so the next record is still readable and
@@ -79,16 +121,31 @@ def read_record(fd: int, limit: int) -> bytearray | Oversized:
         raise EOFError
     _read_into(fd, memoryview(head)[first:])
     (size,) = RECORD_HEADER.unpack(head)
+    if size & SEGMENT:
+        size &= ~SEGMENT
+        if not 9 <= size <= _MAX_SEGMENT_RECORD:
+            # Not one of ours: drain it and let the codec refuse its start.
+            return _drain(fd, size)
+        body = bytearray(size)
+        _read_into(fd, memoryview(body))
+        (frame_size,) = RECORD_HEADER.unpack_from(body)
+        name = bytes(body[8:]).decode("ascii", "replace")
+        return SegmentRef(frame_size, name, bytes(head + body))
     if size > limit:
-        keep = bytearray(min(size, KEPT_OF_OVERSIZED))
-        _read_into(fd, memoryview(keep))
-        left = size - len(keep)
-        chunk = bytearray(min(left, 1 << 16))
-        while left:
-            view = memoryview(chunk)[: min(left, len(chunk))]
-            _read_into(fd, view)
-            left -= len(view)
-        return Oversized(size, bytes(keep))
+        return _drain(fd, size)
     buf = bytearray(size)
     _read_into(fd, memoryview(buf))
     return buf
+
+
+def _drain(fd: int, size: int) -> Oversized:
+    """Read and drop a *size*-byte record body, keeping only its start."""
+    keep = bytearray(min(size, KEPT_OF_OVERSIZED))
+    _read_into(fd, memoryview(keep))
+    left = size - len(keep)
+    chunk = bytearray(min(left, 1 << 16))
+    while left:
+        view = memoryview(chunk)[: min(left, len(chunk))]
+        _read_into(fd, view)
+        left -= len(view)
+    return Oversized(size, bytes(keep))

@@ -19,6 +19,7 @@ import errno
 import logging
 import multiprocessing
 import os
+import secrets
 import sys
 import threading
 import time
@@ -30,16 +31,23 @@ from multiprocessing.util import Finalize, is_exiting, register_after_fork
 from queue import Empty, Full
 from typing import Any
 
-from . import _pipe
+from . import _pipe, _shm
 from ._codec import Buffer, Codec
+from ._frame import KEPT_OF_OVERSIZED
 from ._keys import Keyring
-from .exceptions import FrameTooLarge, RejectedFrame
+from ._sealing import Sealing
+from .exceptions import FrameTooLarge, MalformedFrame, RejectedFrame
 
 __all__ = ["SignedJoinableQueue", "SignedQueue"]
 
 logger = logging.getLogger("signedqueue")
 
 _sentinel = object()
+
+#: Frames at least this large travel through shared memory by default.
+DEFAULT_SHM_THRESHOLD = 1 << 20
+
+Item = bytes | Sealing
 
 
 class SignedQueue:
@@ -55,6 +63,11 @@ class SignedQueue:
         keyring: Signs frames on ``put`` and verifies them on ``get``.
         maxsize: Upper bound on items in the queue; ``<= 0`` for unbounded.
         ctx: A multiprocessing context (default: the current one).
+        shm_threshold: Frames of at least this many bytes go through a
+            shared-memory segment instead of the pipe (Linux; default 1 MiB);
+            ``None`` sends every frame through the pipe.  The tag covers the
+            frame as it is in shared memory, and the consumer verifies a
+            private copy (see :mod:`signedqueue._shm`).
         **codec_options: Passed to :class:`Codec` (``serializer``, ``allow``,
             ``max_age``, ``context``, ``max_frame_size``, ...).
 
@@ -72,6 +85,7 @@ class SignedQueue:
         *,
         maxsize: int = 0,
         ctx: BaseContext | None = None,
+        shm_threshold: int | None = DEFAULT_SHM_THRESHOLD,
         **codec_options: Any,
     ) -> None:
         if sys.platform == "win32":  # pragma: no cover
@@ -90,6 +104,14 @@ class SignedQueue:
         self._sem = ctx.BoundedSemaphore(maxsize)
         self._opid = os.getpid()
         self._ignore_epipe = False
+        if shm_threshold is not None and shm_threshold < 1:
+            raise ValueError("shm_threshold must be a positive number of bytes or None")
+        self._shm_threshold = shm_threshold if _shm.available() else None
+        self._token = secrets.token_hex(8)
+        if self._shm_threshold is not None:
+            # Segments never taken are removed when this process exits, after
+            # its children were joined (a negative exit priority runs last).
+            Finalize(None, _shm.sweep, args=(self._token,), exitpriority=-20)
         self._reset()
         register_after_fork(self, SignedQueue._after_fork)
 
@@ -100,12 +122,14 @@ class SignedQueue:
         return (
             self._ignore_epipe, self._maxsize, self._reader, self._writer,
             self._rlock, self._wlock, self._sem, self._opid, self._codec,
+            self._shm_threshold, self._token,
         )
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         (
             self._ignore_epipe, self._maxsize, self._reader, self._writer,
             self._rlock, self._wlock, self._sem, self._opid, self._codec,
+            self._shm_threshold, self._token,
         ) = state
         self._reset()
         register_after_fork(self, SignedQueue._after_fork)
@@ -141,7 +165,7 @@ class SignedQueue:
         Sign *obj* and queue it.  Serialization errors raise here, in the
         caller; ``queue.Full`` if no slot frees up in time.
         """
-        self._put_frame(self._codec.dumps(obj), block, timeout)
+        self._put_frame(self._codec._prepare(obj), block, timeout)
 
     def put_nowait(self, obj: Any) -> None:
         """``put(obj, block=False)``."""
@@ -157,7 +181,7 @@ class SignedQueue:
         """
         self._put_frame(bytes(frame), block, timeout)
 
-    def _put_frame(self, frame: bytes, block: bool, timeout: float | None) -> None:
+    def _put_frame(self, frame: Item, block: bool, timeout: float | None) -> None:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         if not self._sem.acquire(block, timeout):
@@ -193,13 +217,42 @@ class SignedQueue:
         if isinstance(record, _pipe.Oversized):
             return self._load(record)  # type: ignore[no-any-return] # raises FrameTooLarge
         try:
-            self._codec.unseal(record)
+            if isinstance(record, _pipe.SegmentRef):
+                if record.size > self._codec.max_frame_size:
+                    return self._load(record)  # type: ignore[no-any-return] # raises
+                frame = self._read_segment(record)
+            else:
+                frame = record
+            self._codec.unseal(frame)
         except RejectedFrame:
             self._on_rejected()
             raise
-        return bytes(record)
+        return bytes(frame)
 
-    def _get_record(self, block: bool, timeout: float | None) -> bytearray | _pipe.Oversized:
+    def _read_segment(self, record: _pipe.SegmentRef) -> bytearray:
+        """The whole frame a segment holds (the segment is unlinked)."""
+        fd = self._open_segment(record)
+        try:
+            frame = bytearray(record.size)
+            try:
+                _shm.read_into(fd)(memoryview(frame))
+            except _shm.SegmentError as exc:
+                raise self._codec._refused(MalformedFrame(str(exc)), record.record) from None
+            return frame
+        finally:
+            os.close(fd)
+
+    def _open_segment(self, record: _pipe.SegmentRef) -> int:
+        try:
+            return _shm.open_segment(self._token, record.name, record.size)
+        except _shm.SegmentError as exc:
+            raise self._codec._refused(
+                MalformedFrame(f"{exc}; the frame is lost"), record.record
+            ) from None
+
+    def _get_record(
+        self, block: bool, timeout: float | None
+    ) -> bytearray | _pipe.Oversized | _pipe.SegmentRef:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         limit = self._codec.max_frame_size
@@ -229,9 +282,11 @@ class SignedQueue:
         with contextlib.suppress(ValueError):
             self._sem.release()
 
-    def _load(self, record: bytearray | _pipe.Oversized) -> Any:
+    def _load(self, record: bytearray | _pipe.Oversized | _pipe.SegmentRef) -> Any:
         # Runs after the read lock is released, like multiprocessing.Queue.
         try:
+            if isinstance(record, _pipe.SegmentRef):
+                return self._load_segment(record)
             if isinstance(record, _pipe.Oversized):
                 exc = FrameTooLarge(
                     f"frame of {record.size} bytes is over max_frame_size="
@@ -244,6 +299,31 @@ class SignedQueue:
         except RejectedFrame:
             self._on_rejected()
             raise
+
+    def _load_segment(self, record: _pipe.SegmentRef) -> Any:
+        codec = self._codec
+        fd = self._open_segment(record)
+        try:
+            fill = _shm.read_into(fd)
+            if record.size > codec.max_frame_size:
+                prefix = bytearray(min(record.size, KEPT_OF_OVERSIZED))
+                fill(memoryview(prefix))
+                exc = FrameTooLarge(
+                    f"frame of {record.size} bytes is over max_frame_size="
+                    f"{codec.max_frame_size}; its shared-memory segment was removed unread",
+                    size=record.size,
+                    limit=codec.max_frame_size,
+                )
+                raise codec._refused(exc, prefix)
+            try:
+                # Copied into private memory while it is hashed: what is
+                # verified is what is loaded, whatever is written to the
+                # segment meanwhile.
+                return codec._load_streamed(record.size, fill)
+            except _shm.SegmentError as exc:
+                raise codec._refused(MalformedFrame(str(exc)), record.record) from None
+        finally:
+            os.close(fd)
 
     def _on_rejected(self) -> None:
         """Hook: a frame was refused at get()."""
@@ -296,7 +376,7 @@ class SignedQueue:
             args=(
                 self._buffer, self._notempty, self._writer.fileno(), self._wlock,
                 self._reader.close, self._writer.close, self._ignore_epipe, self._sem,
-                self._on_unsent,
+                self._on_unsent, self._shm_threshold, self._token,
             ),
             name="SignedQueueFeederThread",
             daemon=True,
@@ -335,6 +415,8 @@ class SignedQueue:
         ignore_epipe: bool,
         queue_sem: Any,
         on_unsent: Callable[[], None],
+        shm_threshold: int | None,
+        token: str,
     ) -> None:
         popleft = buffer.popleft
         while True:
@@ -349,8 +431,20 @@ class SignedQueue:
                             reader_close()
                             writer_close()
                             return
-                        with writelock:
-                            _pipe.write_record(fd, frame)
+                        size = frame.size if isinstance(frame, Sealing) else len(frame)
+                        if shm_threshold is not None and size >= shm_threshold:
+                            # Made outside the write lock: other producers'
+                            # frames keep flowing while this one is copied.
+                            name = _shm.create(token, frame)
+                            try:
+                                with writelock:
+                                    _pipe.write_segment_ref(fd, size, name)
+                            except BaseException:
+                                _shm.remove(name)
+                                raise
+                        else:
+                            with writelock:
+                                _pipe.write_record(fd, frame)
                 except IndexError:
                     pass
             except Exception as exc:
@@ -383,10 +477,13 @@ class SignedJoinableQueue(SignedQueue):
         *,
         maxsize: int = 0,
         ctx: BaseContext | None = None,
+        shm_threshold: int | None = DEFAULT_SHM_THRESHOLD,
         **codec_options: Any,
     ) -> None:
         ctx = ctx if ctx is not None else multiprocessing.get_context()
-        super().__init__(keyring, maxsize=maxsize, ctx=ctx, **codec_options)
+        super().__init__(
+            keyring, maxsize=maxsize, ctx=ctx, shm_threshold=shm_threshold, **codec_options
+        )
         self._unfinished_tasks = ctx.Semaphore(0)
         self._cond = ctx.Condition()
 
@@ -397,7 +494,7 @@ class SignedJoinableQueue(SignedQueue):
         super().__setstate__(state[:-2])
         self._cond, self._unfinished_tasks = state[-2:]
 
-    def _put_frame(self, frame: bytes, block: bool, timeout: float | None) -> None:
+    def _put_frame(self, frame: Item, block: bool, timeout: float | None) -> None:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         if not self._sem.acquire(block, timeout):

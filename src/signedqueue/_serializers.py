@@ -40,11 +40,22 @@ class Serializer:
     def dumps(self, obj: Any) -> tuple[bytes, int]:
         raise NotImplementedError
 
+    def dumps_oob(self, obj: Any) -> tuple[bytes, int, list[memoryview]]:
+        """
+        ``dumps`` with large buffers left out of band where the serializer
+        can (pickle protocol 5): (payload, param, buffers).  The buffers are
+        views of the object's own memory, not copies.
+        """
+        payload, param = self.dumps(obj)
+        return payload, param, []
+
     def param_for(self, payload: bytes | bytearray | memoryview) -> int:
         """The header parameter for an already serialized payload (``seal``)."""
         return 0
 
-    def loads(self, payload: memoryview, param: int) -> Any:
+    def loads(
+        self, payload: memoryview, param: int, buffers: list[memoryview] | None = None
+    ) -> Any:
         raise NotImplementedError
 
 
@@ -61,14 +72,33 @@ class _PickleFamily(Serializer):
             )
         self.protocol = protocol
 
+    def _pickle(self, obj: Any, buffer_callback: Any) -> bytes:
+        raise NotImplementedError
+
+    def dumps(self, obj: Any) -> tuple[bytes, int]:
+        return self._pickle(obj, None), self.protocol
+
+    def dumps_oob(self, obj: Any) -> tuple[bytes, int, list[memoryview]]:
+        if self.protocol < 5:
+            return self._pickle(obj, None), self.protocol, []
+        buffers: list[pickle.PickleBuffer] = []
+        payload = self._pickle(obj, buffers.append)
+        if not buffers:
+            return payload, self.protocol, []
+        return payload, _frame.OUT_OF_BAND | 5, [b.raw() for b in buffers]
+
     def param_for(self, payload: bytes | bytearray | memoryview) -> int:
         # Protocols 2 and up start with PROTO n; 0 and 1 carry no marker.
+        # A raw payload has no out-of-band buffers: a byte with the flag bit
+        # set is not written as the flag (such a payload is not a pickle of
+        # any protocol, and loading refuses it as UnsupportedProtocol).
         if len(payload) >= 2 and payload[0] == 0x80:
-            return int(payload[1])
+            return int(payload[1]) & ~_frame.OUT_OF_BAND
         return 0
 
     @staticmethod
     def check_param(param: int, payload: memoryview) -> None:
+        param &= ~_frame.OUT_OF_BAND  # the frame parser checked the flag
         if param > pickle.HIGHEST_PROTOCOL:
             raise UnsupportedProtocol(
                 f"the frame uses pickle protocol {param}, newer than this Python "
@@ -91,14 +121,18 @@ class PickleSerializer(_PickleFamily):
         super().__init__(protocol)
         self.policy = policy  # None: full trust (unsafe_trust_signed_frames)
 
-    def dumps(self, obj: Any) -> tuple[bytes, int]:
-        return pickle.dumps(obj, self.protocol, fix_imports=False), self.protocol
+    def _pickle(self, obj: Any, buffer_callback: Any) -> bytes:
+        return pickle.dumps(
+            obj, self.protocol, fix_imports=False, buffer_callback=buffer_callback
+        )
 
-    def loads(self, payload: memoryview, param: int) -> Any:
+    def loads(
+        self, payload: memoryview, param: int, buffers: list[memoryview] | None = None
+    ) -> Any:
         self.check_param(param, payload)
         if self.policy is None:
-            return pickle.loads(payload)
-        return restricted_loads(payload, self.policy)
+            return pickle.loads(payload, buffers=buffers)
+        return restricted_loads(payload, self.policy, buffers)
 
 
 class CloudpickleSerializer(_PickleFamily):
@@ -116,12 +150,16 @@ class CloudpickleSerializer(_PickleFamily):
             ) from None
         self._dumps = cloudpickle.dumps
 
-    def dumps(self, obj: Any) -> tuple[bytes, int]:
-        return self._dumps(obj, protocol=self.protocol), self.protocol
+    def _pickle(self, obj: Any, buffer_callback: Any) -> bytes:
+        return self._dumps(  # type: ignore[no-any-return]
+            obj, protocol=self.protocol, buffer_callback=buffer_callback
+        )
 
-    def loads(self, payload: memoryview, param: int) -> Any:
+    def loads(
+        self, payload: memoryview, param: int, buffers: list[memoryview] | None = None
+    ) -> Any:
         self.check_param(param, payload)
-        return pickle.loads(payload)
+        return pickle.loads(payload, buffers=buffers)
 
 
 class MsgpackSerializer(Serializer):
@@ -134,7 +172,9 @@ class MsgpackSerializer(Serializer):
     def dumps(self, obj: Any) -> tuple[bytes, int]:
         return self._codec.packb(obj), 0
 
-    def loads(self, payload: memoryview, param: int) -> Any:
+    def loads(
+        self, payload: memoryview, param: int, buffers: list[memoryview] | None = None
+    ) -> Any:
         return self._codec.unpackb(payload)
 
 

@@ -486,8 +486,11 @@ class _Restricted:
 class RestrictedUnpickler(_Restricted, pickle.Unpickler):
     """The C unpickler, restricted: for policies that admit no numpy global."""
 
-    def __init__(self, file: io.BytesIO, policy: Policy, budget: int) -> None:
-        pickle.Unpickler.__init__(self, file, fix_imports=False)
+    def __init__(
+        self, file: io.BytesIO, policy: Policy, budget: int,
+        buffers: list[memoryview] | None = None,
+    ) -> None:
+        pickle.Unpickler.__init__(self, file, fix_imports=False, buffers=buffers)
         self._setup(policy, budget)
 
 
@@ -606,8 +609,13 @@ class CheckedBuildUnpickler(_Restricted, pickle._Unpickler):
         pickle._Unpickler.dispatch
     )
 
-    def __init__(self, file: io.BytesIO, policy: Policy, budget: int) -> None:
-        pickle._Unpickler.__init__(self, file, fix_imports=False)
+    def __init__(
+        self, file: io.BytesIO, policy: Policy, budget: int,
+        buffers: list[memoryview] | None = None,
+    ) -> None:
+        pickle._Unpickler.__init__(
+            self, file, fix_imports=False, buffers=buffers
+        )
         self._setup(policy, budget)
 
     def load_build(self) -> None:
@@ -685,7 +693,11 @@ def _extension_codes(payload: bytes | bytearray | memoryview, policy: Policy) ->
     return codes
 
 
-def restricted_loads(payload: bytes | bytearray | memoryview, policy: Policy) -> Any:
+def restricted_loads(
+    payload: bytes | bytearray | memoryview,
+    policy: Policy,
+    buffers: list[memoryview] | None = None,
+) -> Any:
     """
     Load a pickle, admitting only what *policy* allows.
 
@@ -700,7 +712,8 @@ def restricted_loads(payload: bytes | bytearray | memoryview, policy: Policy) ->
     if kind is None:  # a policy never changes what it admits: decide once
         kind = CheckedBuildUnpickler if _admits_numpy(policy) else RestrictedUnpickler
         policy.__dict__["_unpickler_kind"] = kind
-    unpickler = kind(file, policy, BUDGET_FACTOR * size + BUDGET_SLACK)
+    budget = size + sum(len(b) for b in buffers) if buffers else size
+    unpickler = kind(file, policy, BUDGET_FACTOR * budget + BUDGET_SLACK, buffers)
     try:
         obj = unpickler.load()
     finally:

@@ -5,10 +5,13 @@ the test vectors beside it (frames_valid.json, frames_invalid.json, keys.json).
 
 This file is written from the format specification alone and deliberately
 does not import signedqueue: the library is checked against these vectors,
-never the other way round.  It uses only struct, hmac, hashlib and the HKDF of
-the cryptography package; the key derivation vectors are computed by an HKDF
+never the other way round.  It uses only struct, hmac, hashlib and the HKDF and
+AES-GCM of the cryptography package; the key derivation vectors are computed by an HKDF
 written here from RFC 5869 (checked against the RFC's own test cases) and
-cross-checked with the cryptography package's.  Everything is fixed (secrets, nonces, creation
+cross-checked with the cryptography package's, and the GMAC tags by a GHASH
+written here from NIST SP 800-38D over the cryptography package's raw AES
+block (checked against a published GCM test case and the cryptography
+package's AES-GCM).  Everything is fixed (secrets, nonces, creation
 times, the consumer's clock), so the output is byte-for-byte reproducible.
 
 Usage::
@@ -18,13 +21,26 @@ Usage::
 
 The format, in brief::
 
-    magic b"SQ" | version 0x01 | MAC alg 0x01 | serializer id | serializer param
-    | key id length L (1..64) | key id (L bytes of [A-Za-z0-9._-])
+    magic b"SQ" | version 0x01 | MAC alg (0x01 or 0x02) | serializer id
+    | serializer param | key id length L (1..64)
+    | key id (L bytes of [A-Za-z0-9._-])
     | created (uint64 BE, ms since the epoch) | nonce (16)
-    | payload length N (uint64 BE) | payload (N) | tag (32)
+    | payload length N (uint64 BE) | payload (N) | tag (32 or 16)
 
-    tag = HMAC-SHA256(K, every byte before the tag || context)
-    K   = HKDF-SHA256(secret, salt=None, info=INFO, length=32)
+    alg 0x01 HMAC-SHA256, 32-byte tag:
+        K   = HKDF-SHA256(secret, salt=None, info=INFO, length=32)
+        tag = HMAC-SHA256(K, every byte before the tag || context)
+    alg 0x02 AES-256-GMAC, 16-byte tag:
+        K_gmac  = HKDF-SHA256(secret, salt=None, info=GMAC_INFO, length=32)
+        K_frame = HMAC-SHA256(K_gmac, nonce)
+        tag     = AES-256-GCM(K_frame, IV=nonce[0:12], plaintext=b"",
+                              AAD=every byte before the tag || context).tag
+
+    serializer param 0x85 (pickle protocol 5 with out-of-band buffers):
+        payload = u32 BE n (1..65536) | n x u64 BE buffer lengths
+                  | u64 BE pickle length P | pickle (P)
+                  | for each buffer: zero padding up to the next multiple of
+                    64 counted from the start of the frame, then the buffer
 """
 
 from __future__ import annotations
@@ -44,6 +60,8 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 # -- the specification ------------------------------------------------------
@@ -51,20 +69,30 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 MAGIC = b"SQ"
 VERSION = 0x01
 ALG_HMAC_SHA256 = 0x01
+ALG_AES256_GMAC = 0x02
+MAC_NAMES = {ALG_HMAC_SHA256: "hmac-sha256", ALG_AES256_GMAC: "aes256-gmac"}
 SERIALIZERS = {"pickle": 0x01, "msgpack": 0x02, "cloudpickle": 0x03}
 PICKLE_FAMILY = (0x01, 0x03)
 INFO = b"signedqueue v1 frame-mac hmac-sha256"
+GMAC_INFO = b"signedqueue v1 frame-mac aes256-gmac"
+INFOS = {ALG_HMAC_SHA256: INFO, ALG_AES256_GMAC: GMAC_INFO}
 NONCE_SIZE = 16
-TAG_SIZE = 32
+TAG_SIZE = 32  # HMAC-SHA256
+TAG_SIZES = {ALG_HMAC_SHA256: 32, ALG_AES256_GMAC: 16}
+GMAC_IV_SIZE = 12
+OUT_OF_BAND = 0x80
+OOB_PARAM = OUT_OF_BAND | 5
+BUFFER_ALIGN = 64
+MAX_BUFFERS = 65536
 MAX_KEY_ID = 64
 KEY_ID_RE = re.compile(rb"[A-Za-z0-9._-]+\Z")
 DEFAULT_CLOCK_SKEW = 60.0
 DEFAULT_MAX_FRAME_SIZE = 128 * 1024 * 1024
 
 
-def mac_key(secret: bytes) -> bytes:
-    """The frame MAC key: HKDF-SHA256 over the stored secret."""
-    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=INFO).derive(secret)
+def mac_key(secret: bytes, alg: int = ALG_HMAC_SHA256) -> bytes:
+    """The sub-key of MAC algorithm *alg*: HKDF-SHA256 over the stored secret."""
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=INFOS[alg]).derive(secret)
 
 
 def hkdf_sha256(ikm: bytes, salt: bytes | None, info: bytes, length: int) -> bytes:
@@ -116,13 +144,88 @@ def check_hkdf() -> None:
         if got.hex() != okm:
             raise AssertionError(f"hkdf_sha256 fails RFC 5869 case with OKM {okm[:16]}...")
     for secret in (bytes(16), bytes(range(32)), b"\xff" * 64):
-        if hkdf_sha256(secret, None, INFO, 32) != mac_key(secret):
-            raise AssertionError("hkdf_sha256 and the cryptography HKDF disagree")
+        for alg, alg_info in INFOS.items():
+            if hkdf_sha256(secret, None, alg_info, 32) != mac_key(secret, alg):
+                raise AssertionError("hkdf_sha256 and the cryptography HKDF disagree")
 
 
-def compute_tag(secret: bytes, signed: bytes, context: bytes) -> bytes:
-    """HMAC-SHA256 under the derived key over the signed bytes, then the context."""
-    return hmac.new(mac_key(secret), signed + context, hashlib.sha256).digest()
+def _aes_block(key: bytes, block: bytes) -> bytes:
+    """One raw AES block encryption (ECB of a single block)."""
+    encryptor = Cipher(algorithms.AES(key), modes.ECB()).encryptor()  # noqa: S305
+    return encryptor.update(block) + encryptor.finalize()
+
+
+def _gf128_mul(x: int, y: int) -> int:
+    """Multiplication in GF(2^128) as GCM defines it (bit-reflected, NIST SP 800-38D 6.3)."""
+    r = 0xE1 << 120
+    z, v = 0, y
+    for i in range(127, -1, -1):
+        if (x >> i) & 1:
+            z ^= v
+        v = (v >> 1) ^ r if v & 1 else v >> 1
+    return z
+
+
+def gmac_sp800_38d(key: bytes, iv: bytes, aad: bytes) -> bytes:
+    """GMAC (GCM with an empty plaintext) from SP 800-38D, over a raw AES block."""
+    if len(iv) != GMAC_IV_SIZE:
+        raise ValueError("this GMAC takes 12-byte IVs only")
+    h = int.from_bytes(_aes_block(key, bytes(16)), "big")
+    padded = aad + bytes(-len(aad) % 16) + struct.pack(">QQ", 8 * len(aad), 0)
+    y = 0
+    for i in range(0, len(padded), 16):
+        y = _gf128_mul(y ^ int.from_bytes(padded[i : i + 16], "big"), h)
+    j0 = iv + b"\x00\x00\x00\x01"
+    return (int.from_bytes(_aes_block(key, j0), "big") ^ y).to_bytes(16, "big")
+
+
+#: The GCM specification's test case 13 (AES-256, zero key and IV, no data).
+GCM_CASE_13 = (bytes(32), bytes(12), b"", "530f8afbc74536b9a963b4f1c4cb738b")
+
+
+def gmac(key: bytes, iv: bytes, aad: bytes) -> bytes:
+    """The 16-byte AES-GCM tag of an empty plaintext with *aad* (the cryptography package)."""
+    return AESGCM(key).encrypt(iv, b"", aad)
+
+
+def check_gmac() -> None:
+    """The SP 800-38D GMAC above reproduces GCM test case 13 and agrees with AES-GCM."""
+    key, iv, aad, tag = GCM_CASE_13
+    if gmac_sp800_38d(key, iv, aad).hex() != tag or gmac(key, iv, aad).hex() != tag:
+        raise AssertionError("GMAC fails GCM test case 13")
+    for n in (0, 1, 15, 16, 17, 100):
+        key = hashlib.sha256(b"gmac check key %d" % n).digest()
+        iv = hashlib.sha256(b"gmac check iv %d" % n).digest()[:GMAC_IV_SIZE]
+        aad = bytes(range(256))[:n] * 3
+        if gmac_sp800_38d(key, iv, aad) != gmac(key, iv, aad):
+            raise AssertionError("the SP 800-38D GMAC and the cryptography AES-GCM disagree")
+
+
+def gmac_frame_key(secret: bytes, nonce: bytes) -> bytes:
+    """The one-frame AES-256 key of a GMAC frame: HMAC-SHA256(K_gmac, nonce)."""
+    return hmac.new(mac_key(secret, ALG_AES256_GMAC), nonce, hashlib.sha256).digest()
+
+
+def _nonce_of(signed: bytes) -> bytes:
+    kid_len = signed[6]
+    return signed[7 + kid_len + 8 : 7 + kid_len + 8 + NONCE_SIZE]
+
+
+def compute_tag(
+    secret: bytes, signed: bytes, context: bytes, *, alg: int | None = None
+) -> bytes:
+    """
+    The tag of the signed bytes (then the context) under the algorithm their
+    header names (or *alg*): HMAC-SHA256 under the HKDF key, or AES-256-GMAC
+    under the frame key of their nonce.
+    """
+    alg = signed[3] if alg is None else alg
+    if alg == ALG_HMAC_SHA256:
+        return hmac.new(mac_key(secret), signed + context, hashlib.sha256).digest()
+    if alg == ALG_AES256_GMAC:
+        nonce = _nonce_of(signed)
+        return gmac(gmac_frame_key(secret, nonce), nonce[:GMAC_IV_SIZE], signed + context)
+    raise ValueError(f"no MAC algorithm {alg}")
 
 
 class Refused(Exception):
@@ -137,6 +240,7 @@ class Refused(Exception):
 class Parsed:
     """The fields of a strictly parsed, not yet verified frame."""
 
+    alg: int
     serializer: int
     param: int
     key_id: str
@@ -160,18 +264,21 @@ def parse(frame: bytes) -> Parsed:
     version, alg, serializer, param, kid_len = frame[2], frame[3], frame[4], frame[5], frame[6]
     if version != VERSION:
         raise bad("version")
-    if alg != ALG_HMAC_SHA256:
+    if alg not in TAG_SIZES:
         raise bad("MAC algorithm")
+    tag_size = TAG_SIZES[alg]
     if serializer not in SERIALIZERS.values():
         raise bad("serializer id")
     if serializer not in PICKLE_FAMILY and param != 0:
         raise bad("serializer param must be 0 for msgpack")
+    if serializer in PICKLE_FAMILY and param & OUT_OF_BAND and param != OOB_PARAM:
+        raise bad("the out-of-band flag is only valid with pickle protocol 5")
     if not 1 <= kid_len <= MAX_KEY_ID:
         raise bad("key id length")
     pos = 7
     key_id = frame[pos : pos + kid_len]
     pos += kid_len
-    if len(frame) < pos + 8 + NONCE_SIZE + 8 + TAG_SIZE:
+    if len(frame) < pos + 8 + NONCE_SIZE + 8 + tag_size:
         raise bad("shorter than its header and tag")
     if not KEY_ID_RE.match(key_id):
         raise bad("key id characters")
@@ -181,10 +288,11 @@ def parse(frame: bytes) -> Parsed:
     pos += NONCE_SIZE
     (length,) = struct.unpack(">Q", frame[pos : pos + 8])
     pos += 8
-    if pos + length + TAG_SIZE != len(frame):
+    if pos + length + tag_size != len(frame):
         raise bad("payload length does not account for every byte up to the tag")
     end = pos + length
     return Parsed(
+        alg=alg,
         serializer=serializer,
         param=param,
         key_id=key_id.decode("ascii"),
@@ -205,15 +313,19 @@ def open_frame(
     max_age: float | None,
     max_frame_size: int,
     now: float,
+    accept_macs: tuple[str, ...] = ("hmac-sha256",),
     clock_skew: float = DEFAULT_CLOCK_SKEW,
 ) -> Parsed:
     """
     Every check before deserialization, in the order the specification fixes:
-    size, parse, key lookup, tag, age (future, then max_age), serializer.
+    size, parse, MAC algorithm accepted, key lookup, tag, age (future, then
+    max_age), serializer.
     """
     if len(frame) > max_frame_size:
         raise Refused("FrameTooLarge", "over max_frame_size")
     parsed = parse(frame)
+    if MAC_NAMES[parsed.alg] not in accept_macs:
+        raise Refused("InvalidSignature", "MAC algorithm not accepted")
     secret = keys.get(parsed.key_id)
     if secret is None:
         raise Refused("UnknownKey", parsed.key_id)
@@ -227,6 +339,70 @@ def open_frame(
     if parsed.serializer != SERIALIZERS[serializer]:
         raise Refused("MalformedFrame", "made by another serializer")
     return parsed
+
+
+def split_oob(payload: bytes, payload_start: int) -> tuple[bytes, list[bytes]]:
+    """
+    The pickle and buffers of an out-of-band payload that starts
+    *payload_start* bytes into its frame, or Refused("MalformedFrame", ...).
+    """
+
+    def bad(why: str) -> Refused:
+        return Refused("MalformedFrame", why)
+
+    if len(payload) < 4:
+        raise bad("no buffer count")
+    (count,) = struct.unpack(">I", payload[:4])
+    if not 1 <= count <= MAX_BUFFERS:
+        raise bad("buffer count outside 1..65536")
+    pos = 4
+    if len(payload) < pos + 8 * count + 8:
+        raise bad("buffer table longer than the payload")
+    sizes = struct.unpack(f">{count}Q", payload[pos : pos + 8 * count])
+    pos += 8 * count
+    (pickle_len,) = struct.unpack(">Q", payload[pos : pos + 8])
+    pos += 8
+    if pos + pickle_len > len(payload):
+        raise bad("pickle longer than the payload")
+    pickled = payload[pos : pos + pickle_len]
+    pos += pickle_len
+    buffers = []
+    for size in sizes:
+        pad = (BUFFER_ALIGN - (payload_start + pos) % BUFFER_ALIGN) % BUFFER_ALIGN
+        if pos + pad + size > len(payload):
+            raise bad("buffer runs past the payload")
+        if payload[pos : pos + pad] != bytes(pad):
+            raise bad("nonzero padding")
+        pos += pad
+        buffers.append(payload[pos : pos + size])
+        pos += size
+    if pos != len(payload):
+        raise bad("bytes after the last buffer")
+    return pickled, buffers
+
+
+def oob_payload(
+    pickled: bytes,
+    buffers: tuple[bytes, ...],
+    payload_start: int,
+    *,
+    count: int | None = None,
+    sizes: tuple[int, ...] | None = None,
+    pickle_len: int | None = None,
+    pad_byte: int = 0,
+    skip_padding: bool = False,
+    extra: bytes = b"",
+) -> bytes:
+    """An out-of-band payload, with knobs to get each field wrong on purpose."""
+    n = len(buffers) if count is None else count
+    declared = tuple(len(b) for b in buffers) if sizes is None else sizes
+    out = struct.pack(">I", n) + b"".join(struct.pack(">Q", k) for k in declared)
+    out += struct.pack(">Q", len(pickled) if pickle_len is None else pickle_len) + pickled
+    for i, buffer in enumerate(buffers):
+        pad = 0 if skip_padding else -(payload_start + len(out)) % BUFFER_ALIGN
+        fill = pad_byte if i == 0 else 0
+        out += bytes([fill]) * pad + buffer
+    return out + extra
 
 
 # -- building frames, correct and otherwise ----------------------------------
@@ -266,14 +442,39 @@ class Spec:
     length: int | None = None  # None: len(payload)
     signed_extra: bytes = b""  # bytes after the payload, covered by the tag
     raw_secret_mac: bool = False  # MAC with the stored secret, not the HKDF key
+    #: Out-of-band buffers: *payload* is then the pickle, and the payload on
+    #: the wire is the buffer table, the pickle and the padded buffers.
+    buffers: tuple[bytes, ...] | None = None
+    #: Keyword arguments of oob_payload that get the layout wrong on purpose.
+    oob_knobs: tuple[tuple[str, Any], ...] = ()
+    #: A deliberately wrong MAC: "gmac-hmac-subkey", "gmac-no-frame-key",
+    #: "gmac-iv-tail", "hmac-gmac-subkey" (see _wrong_tag).
+    wrong_mac: str = ""
+
+    def payload_start(self) -> int:
+        return 7 + len(self.key_id) + 8 + NONCE_SIZE + 8
+
+    def wire_payload(self) -> bytes:
+        """The payload as the frame carries it (what Codec.unseal returns)."""
+        if self.buffers is None:
+            return self.payload
+        return oob_payload(
+            self.payload, self.buffers, self.payload_start(), **dict(self.oob_knobs)
+        )
 
     def build(self) -> bytes:
         param = self.param
         if param is None:
             is_pickle = self.serializer in PICKLE_FAMILY
-            param = self.payload[1] if is_pickle and self.payload[:1] == b"\x80" else 0
+            if self.buffers is not None:
+                param = OOB_PARAM
+            elif is_pickle and self.payload[:1] == b"\x80" and len(self.payload) >= 2:
+                param = self.payload[1] & ~OUT_OF_BAND  # a raw payload has no buffers
+            else:
+                param = 0
         kid_len = len(self.key_id) if self.key_id_len is None else self.key_id_len
-        length = len(self.payload) if self.length is None else self.length
+        payload = self.wire_payload()
+        length = len(payload) if self.length is None else self.length
         signed = (
             self.magic
             + bytes([self.version, self.alg, self.serializer, param, kid_len])
@@ -281,14 +482,33 @@ class Spec:
             + struct.pack(">Q", self.created_ms)
             + (bytes(NONCE_SIZE) if self.nonce is None else self.nonce)
             + struct.pack(">Q", length)
-            + self.payload
+            + payload
             + self.signed_extra
         )
         if self.raw_secret_mac:
             tag = hmac.new(self.secret, signed + self.context, hashlib.sha256).digest()
-        else:
-            tag = compute_tag(self.secret, signed, self.context)
+        elif self.wrong_mac:
+            tag = _wrong_tag(self.wrong_mac, self.secret, signed + self.context, self.nonce)
+        else:  # an unknown algorithm id is tagged as HMAC-SHA256
+            alg = self.alg if self.alg in TAG_SIZES else ALG_HMAC_SHA256
+            tag = compute_tag(self.secret, signed, self.context, alg=alg)
         return signed + tag
+
+
+def _wrong_tag(kind: str, secret: bytes, data: bytes, nonce: bytes | None) -> bytes:
+    """A tag made with one step of the specification done wrong."""
+    nonce = bytes(NONCE_SIZE) if nonce is None else nonce
+    iv = nonce[:GMAC_IV_SIZE]
+    if kind == "gmac-hmac-subkey":  # the frame key from the HMAC sub-key
+        frame_key = hmac.new(mac_key(secret), nonce, hashlib.sha256).digest()
+        return gmac(frame_key, iv, data)
+    if kind == "gmac-no-frame-key":  # the GMAC sub-key used for every frame
+        return gmac(mac_key(secret, ALG_AES256_GMAC), iv, data)
+    if kind == "gmac-iv-tail":  # the last 12 nonce bytes as the IV
+        return gmac(gmac_frame_key(secret, nonce), nonce[-GMAC_IV_SIZE:], data)
+    if kind == "hmac-gmac-subkey":  # HMAC-SHA256 under the GMAC sub-key
+        return hmac.new(mac_key(secret, ALG_AES256_GMAC), data, hashlib.sha256).digest()
+    raise ValueError(kind)
 
 
 # Payloads.  Pickles come from the standard library's pickle (their bytes are
@@ -323,6 +543,40 @@ DEMO = Spec(
     created_ms=1_800_000_000_000,
     nonce=bytes(range(16)),
 )
+
+
+class _OutOfBand:
+    """Pickles as builtins.bytearray over one out-of-band buffer."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (bytearray, (pickle.PickleBuffer(self.data),))
+
+
+def oob_pickle(items: list[Any]) -> tuple[bytes, tuple[bytes, ...], str]:
+    """
+    A protocol 5 pickle of *items* (bytes become out-of-band buffers loaded
+    as bytearrays), its buffers, and the repr of what it loads to.
+    """
+    buffers: list[bytes] = []
+
+    def collect(buffer: pickle.PickleBuffer) -> bool:
+        buffers.append(bytes(buffer.raw()))
+        return False  # out of band
+
+    obj = [_OutOfBand(x) if isinstance(x, bytes) else x for x in items]
+    pickled = pickle.dumps(obj, protocol=5, buffer_callback=collect)
+    loaded = [bytearray(x) if isinstance(x, bytes) else x for x in items]
+    return pickled, tuple(buffers), repr(loaded)
+
+
+OOB_ONE = oob_pickle([b"out-of-band bytes"])
+OOB_SEVERAL = oob_pickle([b"first buffer", "in band", b"", 7, b"\x00\xff" * 40])
+OOB_TWO = oob_pickle([b"one", b"two"])
+# The worked example of out-of-band buffers.
+DEMO_OOB = oob_pickle([b"\x01\x02\x03\x04"])
 # ext 11 (registered class) naming a class nobody registered: ["x.Y", {}]
 MP_UNREGISTERED = bytes.fromhex("c7060b92a3782e5980")
 
@@ -337,6 +591,8 @@ def _codec(
     serializer: str = "pickle",
     max_age: float | None = None,
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+    mac: str | None = None,
+    accept_macs: list[str] | None = None,
 ) -> dict[str, Any]:
     codec: dict[str, Any] = {
         "serializer": serializer,
@@ -345,7 +601,15 @@ def _codec(
     }
     if serializer == "cloudpickle":
         codec["unsafe_trust_signed_frames"] = True
+    if mac is not None:
+        codec["mac"] = mac
+    if accept_macs is not None:
+        codec["accept_macs"] = accept_macs
     return codec
+
+
+GMAC = "aes256-gmac"
+BOTH = ["hmac-sha256", "aes256-gmac"]
 
 
 def _vector(
@@ -386,8 +650,24 @@ def _flip(index: int, mask: int) -> Callable[[bytes], bytes]:
     return mutate
 
 
+def _relabel(alg: int, kid_len: int = 5) -> Callable[[bytes], bytes]:
+    """A mutation that names MAC *alg* and moves the payload/tag boundary to match."""
+
+    def mutate(frame: bytes) -> bytes:
+        out = bytearray(frame)
+        at = 7 + kid_len + 8 + NONCE_SIZE
+        (length,) = struct.unpack(">Q", out[at : at + 8])
+        length += TAG_SIZES[out[3]] - TAG_SIZES[alg]
+        out[3] = alg
+        out[at : at + 8] = struct.pack(">Q", length)
+        return bytes(out)
+
+    return mutate
+
+
 def _reference_open(vector: dict[str, Any]) -> Parsed:
     codec = vector["codec"]
+    accept = codec.get("accept_macs") or [codec.get("mac", "hmac-sha256")]
     return open_frame(
         bytes.fromhex(vector["frame"]),
         keys={k: bytes.fromhex(v) for k, v in vector["keyring"]["keys"].items()},
@@ -396,6 +676,7 @@ def _reference_open(vector: dict[str, Any]) -> Parsed:
         max_age=codec["max_age"],
         max_frame_size=codec["max_frame_size"],
         now=vector["now"],
+        accept_macs=tuple(accept),
     )
 
 
@@ -405,12 +686,25 @@ def valid_vectors() -> list[dict[str, Any]]:
 
     def add(vid: str, desc: str, spec: Spec, *, result: dict[str, Any], **kw: Any) -> None:
         vector = _vector(vid, desc, spec, **kw)
-        vector["payload"] = spec.payload.hex()
+        vector["payload"] = spec.wire_payload().hex()
         vector.update(result)
         assert len(result) == 1 and set(result) <= {"object", "object_repr", "loads_error"}
         parsed = _reference_open(vector)  # the reference must accept it
-        assert parsed.payload == spec.payload
+        assert parsed.payload == spec.wire_payload()
+        if spec.buffers is not None:
+            start = len(parsed.signed) - len(parsed.payload)
+            pickled, buffers = split_oob(parsed.payload, start)
+            assert (pickled, tuple(buffers)) == (spec.payload, spec.buffers)
+            # bytearrays over harmless buffers: safe to load here
+            assert result["object_repr"] == repr(pickle.loads(pickled, buffers=buffers))
+            vector["buffers"] = [b.hex() for b in buffers]
         out.append(vector)
+
+    def oob(vid: str, desc: str, pickled: tuple[bytes, tuple[bytes, ...], str],
+            **kw: Any) -> None:
+        payload, buffers, loaded = pickled
+        spec = Spec(payload, buffers=buffers, **kw.pop("spec", {}))
+        add(vid, desc, spec, result={"object_repr": loaded}, **kw)
 
     add("pickle-p5-dict", "pickle protocol 5, a small dict",
         Spec(P5_DICT), result={"object": P5_DICT_OBJ})
@@ -460,6 +754,62 @@ def valid_vectors() -> list[dict[str, Any]]:
     size = len(Spec(P5_LIST).build())
     add("size-exactly-limit", "a frame exactly max_frame_size bytes long",
         Spec(P5_LIST), codec=_codec(max_frame_size=size), result={"object": [1, 2, 3]})
+
+    # AES-256-GMAC (MAC algorithm 2).
+    add("gmac-p5-list", "signed with AES-256-GMAC, read by a codec with mac='aes256-gmac'",
+        Spec(P5_LIST, alg=ALG_AES256_GMAC), codec=_codec(mac=GMAC),
+        result={"object": [1, 2, 3]})
+    add("gmac-context", "AES-256-GMAC with a context bound into the tag (as AAD)",
+        Spec(P5_LIST, alg=ALG_AES256_GMAC, context=b"orders-queue"), codec=_codec(mac=GMAC),
+        result={"object": [1, 2, 3]})
+    add("gmac-accepted-by-hmac-codec", "a GMAC frame to an HMAC codec that accepts both",
+        Spec(P5_DICT, alg=ALG_AES256_GMAC), codec=_codec(accept_macs=BOTH),
+        result={"object": P5_DICT_OBJ})
+    add("hmac-accepted-by-gmac-codec", "an HMAC frame to a GMAC codec that accepts both",
+        Spec(P5_DICT), codec=_codec(mac=GMAC, accept_macs=BOTH),
+        result={"object": P5_DICT_OBJ})
+    add("gmac-msgpack", "AES-256-GMAC over a msgpack payload",
+        Spec(MP_MAP, alg=ALG_AES256_GMAC, serializer=SERIALIZERS["msgpack"]),
+        codec=_codec("msgpack", mac=GMAC), result={"object": {"a": [1, 2, 3], "b": None}})
+    add("gmac-max-length-key-id", "AES-256-GMAC with a key id of 64 characters",
+        Spec(P5_LIST, alg=ALG_AES256_GMAC, key_id=LONG_ID.encode(), secret=GAMMA),
+        keys={LONG_ID: GAMMA}, active=LONG_ID, codec=_codec(mac=GMAC),
+        result={"object": [1, 2, 3]})
+    add("gmac-empty-payload", "the shortest GMAC frame body: an empty payload (not a pickle)",
+        Spec(b"", alg=ALG_AES256_GMAC), codec=_codec(mac=GMAC),
+        result={"loads_error": "MalformedFrame"})
+    add("worked-example-gmac", "the worked example signed with AES-256-GMAC",
+        replace(DEMO, alg=ALG_AES256_GMAC), keys={"demo": DEMO_SECRET}, active="demo",
+        now=1_800_000_000.0, codec=_codec(mac=GMAC), result={"object": {"a": 1}})
+
+    # Pickle protocol 5 with out-of-band buffers (serializer param 0x85).
+    oob("oob-one-buffer", "one out-of-band buffer after zero padding to a 64-byte boundary",
+        OOB_ONE)
+    oob("oob-several-buffers",
+        "four buffers (one empty) mixed with in-band values, each padded to 64 bytes",
+        OOB_SEVERAL)
+    oob("oob-gmac", "out-of-band buffers under AES-256-GMAC",
+        OOB_SEVERAL, spec={"alg": ALG_AES256_GMAC}, codec=_codec(mac=GMAC))
+    oob("oob-gmac-context", "one out-of-band buffer, AES-256-GMAC and a context",
+        OOB_ONE, spec={"alg": ALG_AES256_GMAC, "context": b"orders-queue"},
+        codec=_codec(mac=GMAC))
+    oob("oob-long-key-id", "a 64-character key id moves the payload: the padding follows",
+        OOB_TWO, spec={"key_id": LONG_ID.encode(), "secret": GAMMA},
+        keys={LONG_ID: GAMMA}, active=LONG_ID)
+    # A key id length for which the first buffer needs no padding at all.
+    table = 4 + 8 * len(OOB_ONE[1]) + 8
+    kid_len = next(
+        n for n in range(1, MAX_KEY_ID + 1) if (39 + n + table + len(OOB_ONE[0])) % 64 == 0
+    )
+    oob("oob-no-padding-needed", "the pickle ends on a 64-byte boundary: zero bytes of padding",
+        OOB_ONE, spec={"key_id": b"k" * kid_len, "secret": GAMMA},
+        keys={"k" * kid_len: GAMMA}, active="k" * kid_len)
+    oob("oob-cloudpickle", "out-of-band buffers with the cloudpickle serializer (id 3)",
+        OOB_TWO, spec={"serializer": SERIALIZERS["cloudpickle"]}, codec=_codec("cloudpickle"))
+    oob("worked-example-oob", "the out-of-band worked example of the wire format document",
+        DEMO_OOB, spec={"key_id": b"demo", "secret": DEMO_SECRET,
+                        "created_ms": 1_800_000_000_000, "nonce": bytes(range(16))},
+        keys={"demo": DEMO_SECRET}, active="demo", now=1_800_000_000.0)
     return out
 
 
@@ -469,7 +819,8 @@ def invalid_vectors() -> list[dict[str, Any]]:
     msgpack_id = SERIALIZERS["msgpack"]
 
     def add(
-        vid: str, desc: str, spec: Spec, error: str, *, stage: str = "open", **kw: Any
+        vid: str, desc: str, spec: Spec, error: str, *, stage: str = "open",
+        layout: bool = False, **kw: Any
     ) -> None:
         vector = _vector(vid, desc, spec, **kw)
         vector["error"] = error
@@ -482,7 +833,14 @@ def invalid_vectors() -> list[dict[str, Any]]:
             else:  # pragma: no cover - a mistake in this file
                 raise AssertionError(f"the reference accepts {vid}")
         else:  # refused only by the deserializer: every frame check passes
-            _reference_open(vector)
+            parsed = _reference_open(vector)
+            if layout:  # ... and the out-of-band layout is what is wrong
+                try:
+                    split_oob(parsed.payload, len(parsed.signed) - len(parsed.payload))
+                except Refused as exc:
+                    assert exc.error == error, (vid, exc)
+                else:  # pragma: no cover - a mistake in this file
+                    raise AssertionError(f"the reference splits {vid}")
         out.append(vector)
 
     good = Spec(P5_LIST)
@@ -493,7 +851,8 @@ def invalid_vectors() -> list[dict[str, Any]]:
     add("bad-magic", "magic b'SR' instead of b'SQ'", replace(good, magic=b"SR"), "MalformedFrame")
     add("version-2", "unknown version 2", replace(good, version=2), "MalformedFrame")
     add("version-0", "unknown version 0", replace(good, version=0), "MalformedFrame")
-    add("alg-2", "unknown MAC algorithm id 2", replace(good, alg=2), "MalformedFrame")
+    add("alg-3", "unknown MAC algorithm id 3", replace(good, alg=3), "MalformedFrame")
+    add("alg-255", "unknown MAC algorithm id 255", replace(good, alg=255), "MalformedFrame")
     add("alg-0", "unknown MAC algorithm id 0", replace(good, alg=0), "MalformedFrame")
     add("serializer-4", "unknown serializer id 4", replace(good, serializer=4), "MalformedFrame")
     add("serializer-0", "unknown serializer id 0", replace(good, serializer=0), "MalformedFrame")
@@ -632,6 +991,125 @@ def invalid_vectors() -> list[dict[str, Any]]:
     add("msgpack-unregistered-class", "msgpack extension 11 naming an unregistered class",
         Spec(MP_UNREGISTERED, serializer=msgpack_id), "ForbiddenClass",
         stage="deserialize", codec=_codec("msgpack"))
+
+    # AES-256-GMAC (MAC algorithm 2).
+    gmac_good = Spec(P5_LIST, alg=ALG_AES256_GMAC)
+    gmac_codec = _codec(mac=GMAC)
+    gmac_tag = TAG_SIZES[ALG_AES256_GMAC]
+    add("gmac-tag-last-bit", "GMAC: lowest bit of the last tag byte flipped",
+        gmac_good, "InvalidSignature", codec=gmac_codec, mutate=_flip(-1, 0x01))
+    add("gmac-tag-first-bit", "GMAC: highest bit of the first tag byte flipped",
+        gmac_good, "InvalidSignature", codec=gmac_codec, mutate=_flip(-gmac_tag, 0x80))
+    add("gmac-payload-bit", "GMAC: one payload bit flipped",
+        gmac_good, "InvalidSignature", codec=gmac_codec, mutate=_flip(-gmac_tag - 2, 0x01))
+    add("gmac-nonce-bit", "GMAC: one bit of the nonce (and so of the frame key) flipped",
+        gmac_good, "InvalidSignature", codec=gmac_codec, mutate=_flip(created_at + 8, 0x01))
+    add("gmac-nonce-last-bit", "GMAC: a bit of the nonce past the IV (only in the frame key)",
+        gmac_good, "InvalidSignature", codec=gmac_codec,
+        mutate=_flip(created_at + 8 + NONCE_SIZE - 1, 0x01))
+    add("gmac-truncated-by-one", "a GMAC frame without its last byte",
+        gmac_good, "MalformedFrame", codec=gmac_codec, mutate=lambda f: f[:-1])
+    add("gmac-tag-32-bytes", "a GMAC frame followed by 16 more bytes: a 32-byte tag",
+        gmac_good, "MalformedFrame", codec=_codec(accept_macs=BOTH),
+        mutate=lambda f: f + bytes(16))
+    add("gmac-length-for-32-byte-tag",
+        "a GMAC frame whose length field leaves 32 bytes for the tag",
+        replace(gmac_good, length=len(P5_LIST) - 16), "MalformedFrame", codec=gmac_codec)
+    add("alg-hmac-to-gmac", "an HMAC frame with the algorithm byte set to 2, tag kept",
+        good, "MalformedFrame", codec=_codec(accept_macs=BOTH), mutate=_flip(3, 0x03))
+    add("alg-gmac-to-hmac", "a GMAC frame with the algorithm byte set to 1, tag kept",
+        gmac_good, "MalformedFrame", codec=_codec(accept_macs=BOTH), mutate=_flip(3, 0x03))
+    add("alg-hmac-relabelled-gmac",
+        "an HMAC frame relabelled GMAC, length field moved so that it parses",
+        good, "InvalidSignature", codec=_codec(accept_macs=BOTH),
+        mutate=_relabel(ALG_AES256_GMAC))
+    add("alg-gmac-relabelled-hmac",
+        "a GMAC frame relabelled HMAC, length field moved so that it parses",
+        gmac_good, "InvalidSignature", codec=_codec(accept_macs=BOTH),
+        mutate=_relabel(ALG_HMAC_SHA256))
+    add("gmac-not-accepted", "a valid GMAC frame to a codec that accepts only HMAC-SHA256",
+        gmac_good, "InvalidSignature")
+    add("hmac-not-accepted", "a valid HMAC frame to a codec with mac='aes256-gmac' only",
+        good, "InvalidSignature", codec=gmac_codec)
+    add("order-accept-before-key", "GMAC, unknown key, HMAC-only codec: the algorithm is first",
+        replace(gmac_good, key_id=b"gamma", secret=GAMMA), "InvalidSignature")
+    add("gmac-unknown-key", "GMAC signed with key id 'gamma', which the ring does not hold",
+        replace(gmac_good, key_id=b"gamma", secret=GAMMA), "UnknownKey", codec=gmac_codec)
+    add("gmac-other-secret", "GMAC naming key 'alpha' signed with the secret of 'beta'",
+        replace(gmac_good, secret=BETA), "InvalidSignature", codec=gmac_codec)
+    add("gmac-hmac-subkey", "GMAC frame key derived from the HMAC sub-key (wrong HKDF info)",
+        replace(gmac_good, wrong_mac="gmac-hmac-subkey"), "InvalidSignature", codec=gmac_codec)
+    add("gmac-no-frame-key", "GMAC under the GMAC sub-key itself, not the per-frame key",
+        replace(gmac_good, wrong_mac="gmac-no-frame-key"), "InvalidSignature", codec=gmac_codec)
+    add("gmac-iv-tail", "GMAC with the last 12 nonce bytes as the IV instead of the first",
+        replace(gmac_good, wrong_mac="gmac-iv-tail"), "InvalidSignature", codec=gmac_codec)
+    add("hmac-gmac-subkey", "HMAC-SHA256 tag made with the GMAC sub-key (wrong HKDF info)",
+        replace(good, wrong_mac="hmac-gmac-subkey"), "InvalidSignature",
+        codec=_codec(accept_macs=BOTH))
+    add("gmac-wrong-context", "GMAC sealed under context 'orders', opened under 'payments'",
+        replace(gmac_good, context=b"orders"), "InvalidSignature", context=b"payments",
+        codec=gmac_codec)
+    add("gmac-expired", "a valid GMAC frame 30.001 s old with max_age=30",
+        replace(gmac_good, created_ms=NOW_MS - 30_001), "ExpiredFrame",
+        codec=_codec(max_age=30, mac=GMAC))
+
+    # Out-of-band buffers (serializer param 0x85).
+    oob_pickle_, oob_buffers, _ = OOB_TWO
+    oob_good = Spec(oob_pickle_, buffers=oob_buffers)
+
+    def knobs(**kw: Any) -> Spec:
+        return replace(oob_good, oob_knobs=tuple(kw.items()))
+
+    first_pad_at = oob_good.payload_start() + 4 + 8 * 2 + 8 + len(oob_pickle_)
+    assert first_pad_at % BUFFER_ALIGN, "the first buffer of oob_good must need padding"
+    add("oob-flag-protocol-4", "serializer param 0x84: the out-of-band flag with protocol 4",
+        replace(oob_good, param=0x84), "MalformedFrame")
+    add("oob-flag-protocol-0", "serializer param 0x80: the out-of-band flag with protocol 0",
+        replace(oob_good, param=0x80), "MalformedFrame")
+    add("oob-flag-protocol-6", "serializer param 0x86: the out-of-band flag with protocol 6",
+        replace(oob_good, param=0x86), "MalformedFrame")
+    add("oob-flag-msgpack", "serializer param 0x85 on a msgpack frame",
+        replace(oob_good, serializer=msgpack_id), "MalformedFrame", codec=_codec("msgpack"))
+    add("oob-buffer-bit", "one bit of an out-of-band buffer flipped after signing",
+        oob_good, "InvalidSignature", mutate=_flip(-TAG_SIZE - 1, 0x01))
+    add("oob-padding-bit", "one padding byte set after signing",
+        oob_good, "InvalidSignature", mutate=_flip(first_pad_at, 0x01))
+    add("oob-gmac-buffer-bit", "GMAC: one bit of an out-of-band buffer flipped after signing",
+        replace(oob_good, alg=ALG_AES256_GMAC), "InvalidSignature", codec=gmac_codec,
+        mutate=_flip(-gmac_tag - 1, 0x01))
+    add("oob-nonzero-padding", "padding before the first buffer is 0x01, signed",
+        knobs(pad_byte=1), "MalformedFrame", stage="deserialize", layout=True)
+    add("oob-gmac-nonzero-padding", "GMAC: padding before the first buffer is 0xff, signed",
+        replace(knobs(pad_byte=0xFF), alg=ALG_AES256_GMAC), "MalformedFrame",
+        stage="deserialize", layout=True, codec=gmac_codec)
+    add("oob-count-0", "buffer count 0 (the flag promises at least one buffer)",
+        replace(oob_good, buffers=()), "MalformedFrame", stage="deserialize", layout=True)
+    add("oob-count-65537", "buffer count 65537, over the limit of 65536",
+        knobs(count=65537), "MalformedFrame", stage="deserialize", layout=True)
+    add("oob-table-truncated", "buffer count 1000 with a table of 2 entries",
+        knobs(count=1000), "MalformedFrame", stage="deserialize", layout=True)
+    add("oob-buffer-past-payload", "the last buffer declared one byte longer than it is",
+        knobs(sizes=(3, 4)), "MalformedFrame", stage="deserialize", layout=True)
+    add("oob-buffer-huge", "a buffer declared 2**64 - 1 bytes long",
+        knobs(sizes=(3, 2**64 - 1)), "MalformedFrame", stage="deserialize", layout=True)
+    add("oob-trailing-bytes", "one byte after the last buffer",
+        knobs(extra=b"\x00"), "MalformedFrame", stage="deserialize", layout=True)
+    add("oob-pickle-length-too-long", "pickle length field 1000, past the end of the payload",
+        knobs(pickle_len=1000), "MalformedFrame", stage="deserialize", layout=True)
+    add("oob-pickle-length-too-short", "pickle length field one short (the STOP is padding)",
+        knobs(pickle_len=len(oob_pickle_) - 1), "MalformedFrame", stage="deserialize",
+        layout=True)
+    add("oob-unaligned", "buffers written right after the pickle, without padding",
+        knobs(skip_padding=True), "MalformedFrame", stage="deserialize", layout=True)
+    add("oob-payload-too-short", "param 0x85 and a 3-byte payload",
+        Spec(b"\x00\x00\x01", param=OOB_PARAM), "MalformedFrame", stage="deserialize",
+        layout=True)
+    add("oob-flag-in-band-pickle", "param 0x85 on an ordinary protocol 5 pickle",
+        Spec(P5_LIST, param=OOB_PARAM), "MalformedFrame", stage="deserialize", layout=True)
+    add("oob-layout-param-5", "an out-of-band layout under param 5 (the flag missing)",
+        replace(oob_good, param=5), "MalformedFrame", stage="deserialize")
+    add("oob-too-few-buffers", "a pickle taking two buffers, a table giving one",
+        Spec(oob_pickle_, buffers=oob_buffers[:1]), "MalformedFrame", stage="deserialize")
     return out
 
 
@@ -639,8 +1117,9 @@ def invalid_vectors() -> list[dict[str, Any]]:
 
 
 def key_vectors() -> list[dict[str, Any]]:
-    """Stored secrets of several sizes and the frame MAC key derived from each."""
+    """Stored secrets of several sizes and the frame MAC keys derived from each."""
     check_hkdf()
+    check_gmac()
     secrets = [
         ("secret-16", "a 16-byte secret, the shortest a keyring accepts",
          hashlib.sha256(b"signedqueue key vector 16").digest()[:16]),
@@ -654,8 +1133,15 @@ def key_vectors() -> list[dict[str, Any]]:
     out = []
     for vid, desc, secret in secrets:
         derived = hkdf_sha256(secret, None, INFO, 32)
+        gmac_derived = hkdf_sha256(secret, None, GMAC_INFO, 32)
         if derived != mac_key(secret) or derived == secret[:32]:
             raise AssertionError(f"{vid}: the two HKDF implementations disagree")
+        if gmac_derived != mac_key(secret, ALG_AES256_GMAC) or gmac_derived == derived:
+            raise AssertionError(f"{vid}: the two HKDF implementations disagree (GMAC)")
+        nonce = hashlib.sha256(b"frame key nonce " + vid.encode()).digest()[:NONCE_SIZE]
+        frame_key = hmac.new(gmac_derived, nonce, hashlib.sha256).digest()
+        if frame_key != gmac_frame_key(secret, nonce):
+            raise AssertionError(f"{vid}: the GMAC frame key disagrees")
         out.append({
             "id": vid,
             "desc": desc,
@@ -663,6 +1149,11 @@ def key_vectors() -> list[dict[str, Any]]:
             "secret_base64": base64.b64encode(secret).decode("ascii"),
             "hkdf": {"hash": "sha256", "salt": None, "info": INFO.decode("ascii"), "length": 32},
             "mac_key": derived.hex(),
+            "hkdf_gmac": {
+                "hash": "sha256", "salt": None, "info": GMAC_INFO.decode("ascii"), "length": 32
+            },
+            "gmac_key": gmac_derived.hex(),
+            "gmac_frame_key": {"nonce": nonce.hex(), "frame_key": frame_key.hex()},
         })
     return out
 
