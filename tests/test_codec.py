@@ -430,7 +430,7 @@ def test_size_checked_before_hashing_or_parsing(
     # Every MAC computation goes through these two (and hmac for the compare).
     for name in ("one_shot", "new_mac"):
         monkeypatch.setattr(signedqueue._codec, name, getattr(_Tripwire("mac"), name))
-    monkeypatch.setattr(signedqueue._mac, "hmac", _Tripwire("hmac"))
+    monkeypatch.setattr(signedqueue._mac, "hashlib", _Tripwire("hashlib"))
     monkeypatch.setattr(signedqueue._codec, "hmac", _Tripwire("hmac"))
     with pytest.raises(FrameTooLarge) as info:
         codec.loads(big)
@@ -503,10 +503,21 @@ def test_one_mac_per_frame_whatever_the_ring_size(
     unknown = Codec(Keyring.generate("key-1000"), context=context, mac=mac).dumps("v")
     consumer = Codec(big_ring, context=context, mac=mac)
 
-    counter = _CountingHmac()  # compares in the codec, HMACs in signedqueue._mac
+    counter = _CountingHmac()  # compares in the codec, HMACs by the ring's MacKeys
     macs = _CountingMacs()
     monkeypatch.setattr(signedqueue._codec, "hmac", counter)
-    monkeypatch.setattr(signedqueue._mac, "hmac", counter)
+    real_hmac, real_new = signedqueue._mac.MacKey.hmac, signedqueue._mac.MacKey.new
+
+    def counted_hmac(key: Any, *args: Any) -> bytes:
+        counter.macs += 1
+        return real_hmac(key, *args)
+
+    def counted_new(key: Any) -> Any:
+        counter.macs += 1
+        return real_new(key)
+
+    monkeypatch.setattr(signedqueue._mac.MacKey, "hmac", counted_hmac)
+    monkeypatch.setattr(signedqueue._mac.MacKey, "new", counted_new)
     monkeypatch.setattr(signedqueue._codec, "one_shot", macs.one_shot)
     monkeypatch.setattr(signedqueue._codec, "new_mac", macs.new_mac)
     monkeypatch.setattr(signedqueue._keys, "derive_mac_key", _Tripwire("keys").derive_mac_key)

@@ -24,7 +24,7 @@ from . import _frame
 from ._allowlist import AllowEntry, Allowlist, Policy, Refusal
 from ._audit import AuditReport, append_sighting
 from ._keys import Keyring
-from ._mac import MAC_IDS, MAC_NAMES, TAG_SIZES, new_mac, one_shot
+from ._mac import MAC_IDS, MAC_NAMES, TAG_SIZES, MacKey, new_mac, one_shot
 from ._msgpack import InvalidFields, UnregisteredClass
 from ._scan import ScanError, pickle_globals
 from ._sealing import Sealing, verify_chunks
@@ -532,7 +532,7 @@ class Codec:
         self._check_after_tag(header)
         return header, view[header.payload_start : header.payload_end]
 
-    def _check_head(self, view: memoryview, size: int) -> tuple[_frame.Header, bytes]:
+    def _check_head(self, view: memoryview, size: int) -> tuple[_frame.Header, MacKey]:
         """Size limit, strict parse, MAC algorithm and key: the checks before the tag."""
         if size > self._max_frame_size:
             raise FrameTooLarge(
@@ -558,7 +558,7 @@ class Codec:
             )
         return header, key
 
-    def _check_tag(self, header: _frame.Header, key: bytes, view: memoryview) -> None:
+    def _check_tag(self, header: _frame.Header, key: MacKey, view: memoryview) -> None:
         end = header.payload_end
         expected = one_shot(header.alg, key, header.nonce, view[:end], self._context)
         if not hmac.compare_digest(expected, view[end:]):

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from ._mac import ALG_AES256_GMAC, ALG_HMAC_SHA256
+from ._mac import ALG_AES256_GMAC, ALG_HMAC_SHA256, MacKey
 from .exceptions import KeyringError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -127,7 +127,7 @@ class _State:
     states: dict[str, str]
     # By MAC algorithm id: MAC keys by the key id's ASCII bytes, as they
     # appear on the wire.
-    mac_keys: dict[int, dict[bytes, bytes]]
+    mac_keys: dict[int, dict[bytes, MacKey]]
     active_id_bytes: bytes
 
 
@@ -142,7 +142,7 @@ def build_state(
     keys: Mapping[str, bytes], states: Mapping[str, str], created: Mapping[str, float]
 ) -> _State:
     """Validate a whole ring and derive its MAC keys."""
-    mac_keys: dict[int, dict[bytes, bytes]] = {alg: {} for alg in MAC_KEY_INFOS}
+    mac_keys: dict[int, dict[bytes, MacKey]] = {alg: {} for alg in MAC_KEY_INFOS}
     for kid, secret in keys.items():
         check_key_id(kid)
         if not isinstance(secret, (bytes, bytearray)):
@@ -156,7 +156,7 @@ def build_state(
         if state not in STATES:
             raise ValueError(f"key {kid!r} has state {state!r}; use one of {list(STATES)}")
         for alg, by_id in mac_keys.items():
-            by_id[kid.encode("ascii")] = derive_mac_key(bytes(secret), alg)
+            by_id[kid.encode("ascii")] = MacKey(derive_mac_key(bytes(secret), alg))
     actives = sorted(k for k in keys if states[k] == ACTIVE)
     if len(actives) != 1:
         raise KeyringError(
@@ -504,12 +504,12 @@ class Keyring:
             source.refresh(self)
         return self._state
 
-    def _signing(self, alg: int = ALG_HMAC_SHA256) -> tuple[bytes, bytes]:
+    def _signing(self, alg: int = ALG_HMAC_SHA256) -> tuple[bytes, MacKey]:
         """The active key id (ASCII bytes) and its MAC key for *alg*."""
         st = self._current()
         return st.active_id_bytes, st.mac_keys[alg][st.active_id_bytes]
 
-    def _mac_key(self, key_id: bytes, alg: int = ALG_HMAC_SHA256) -> bytes | None:
+    def _mac_key(self, key_id: bytes, alg: int = ALG_HMAC_SHA256) -> MacKey | None:
         """The MAC key for a key id as it appears on the wire, or ``None``."""
         key = self._current().mac_keys[alg].get(key_id)
         if key is None and self._source is not None and self._source.watch:

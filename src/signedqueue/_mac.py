@@ -16,8 +16,8 @@ a tag of the other.
 
 from __future__ import annotations
 
-import hmac
-from typing import Protocol
+import hashlib
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -28,6 +28,7 @@ __all__ = [
     "MAC_NAMES",
     "TAG_SIZES",
     "Mac",
+    "MacKey",
     "new_mac",
     "one_shot",
 ]
@@ -50,13 +51,61 @@ class Mac(Protocol):
     def digest(self) -> bytes: ...
 
 
+class MacKey:
+    """
+    A 32-byte HMAC-SHA256 key with its two padded blocks hashed once
+    (RFC 2104, section 4): each tag then costs only the message's own
+    compressions.  The same HMAC-SHA256, computed without re-keying.
+    """
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:  # pragma: no cover - sub-keys are 32 bytes
+            key = hashlib.sha256(key).digest()
+        block = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in block))
+
+    def __repr__(self) -> str:
+        return "<MacKey>"  # never the key
+
+    def hmac(self, data: bytes | bytearray | memoryview, context: bytes = b"") -> bytes:
+        """HMAC-SHA256 over ``data || context``."""
+        inner = self._inner.copy()
+        inner.update(data)
+        if context:
+            inner.update(context)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+    def new(self) -> _Hmac:
+        """An incremental HMAC-SHA256."""
+        return _Hmac(self._inner.copy(), self._outer)
+
+
+class _Hmac:
+    __slots__ = ("_inner", "_outer", "update")
+
+    def __init__(self, inner: Any, outer: Any) -> None:
+        self._inner = inner
+        self._outer = outer
+        self.update = inner.update
+
+    def digest(self) -> bytes:
+        outer = self._outer.copy()
+        outer.update(self._inner.digest())
+        return outer.digest()  # type: ignore[no-any-return]
+
+
 class _Gmac:
     """AES-256-GMAC under a one-frame key (see the module docstring)."""
 
     __slots__ = ("_encryptor", "update")
 
-    def __init__(self, key: bytes, nonce: bytes) -> None:
-        frame_key = hmac.digest(key, nonce, "sha256")
+    def __init__(self, key: MacKey, nonce: bytes) -> None:
+        frame_key = key.hmac(nonce)
         self._encryptor = Cipher(
             algorithms.AES(frame_key), modes.GCM(nonce[:_IV_SIZE])
         ).encryptor()
@@ -67,26 +116,22 @@ class _Gmac:
         return self._encryptor.tag
 
 
-def new_mac(alg: int, key: bytes, nonce: bytes) -> Mac:
+def new_mac(alg: int, key: MacKey, nonce: bytes) -> Mac:
     """A fresh incremental MAC of algorithm *alg* for the frame with *nonce*."""
     if alg == ALG_HMAC_SHA256:
-        return hmac.new(key, digestmod="sha256")
+        return key.new()
     if alg == ALG_AES256_GMAC:
         return _Gmac(key, nonce)
     raise ValueError(f"unknown MAC algorithm id {alg}")
 
 
-def one_shot(alg: int, key: bytes, nonce: bytes, data: bytes | bytearray | memoryview,
+def one_shot(alg: int, key: MacKey, nonce: bytes, data: bytes | bytearray | memoryview,
              context: bytes) -> bytes:
     """The tag over ``data || context`` in one call (small frames)."""
     if alg == ALG_HMAC_SHA256:
-        if context:
-            mac = hmac.new(key, data, "sha256")
-            mac.update(context)
-            return mac.digest()
-        return hmac.digest(key, data, "sha256")
-    mac2 = new_mac(alg, key, nonce)
-    mac2.update(data)
+        return key.hmac(data, context)
+    mac = _Gmac(key, nonce)
+    mac.update(data)
     if context:
-        mac2.update(context)
-    return mac2.digest()
+        mac.update(context)
+    return mac.digest()

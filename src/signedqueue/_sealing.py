@@ -16,7 +16,7 @@ import hmac
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ._mac import Mac, new_mac
+from ._mac import Mac, MacKey, new_mac
 
 __all__ = ["CHUNK", "Sealing", "chunks_of", "verify_chunks"]
 
@@ -45,7 +45,7 @@ class Sealing:
     __slots__ = ("_alg", "_context", "_key", "_nonce", "pieces", "size")
 
     def __init__(
-        self, pieces: list[memoryview], alg: int, key: bytes, nonce: bytes, context: bytes,
+        self, pieces: list[memoryview], alg: int, key: MacKey, nonce: bytes, context: bytes,
         tag_size: int,
     ) -> None:
         #: Everything before the tag, in order (header first).
