@@ -24,7 +24,7 @@ from . import _frame
 from ._allowlist import AllowEntry, Allowlist, Policy, Refusal
 from ._audit import AuditReport, append_sighting
 from ._keys import Keyring
-from ._mac import MAC_IDS, MAC_NAMES, TAG_SIZES, MacKey, new_mac, one_shot
+from ._mac import ALG_HMAC_SHA256, MAC_IDS, MAC_NAMES, TAG_SIZES, MacKey, new_mac, one_shot
 from ._msgpack import InvalidFields, UnregisteredClass
 from ._scan import ScanError, pickle_globals
 from ._sealing import Sealing, verify_chunks
@@ -64,6 +64,7 @@ _LARGE = 64 * 1024
 _MAX_LISTED = 64
 
 Buffer = bytes | bytearray | memoryview
+_MID = _frame._MID
 
 
 class AuditModeWarning(UserWarning):
@@ -241,6 +242,10 @@ class Codec:
         self._alg = MAC_IDS[mac]
         self._tag_size = TAG_SIZES[self._alg]
         self._accept = frozenset(MAC_IDS[name] for name in accept_macs)
+        # Header leads (magic .. key id) that passed every check, and the
+        # largest frame the fast path of loads() takes.
+        self._leads: dict[bytes, tuple[int, bytes, int, int, int]] = {}
+        self._small_max = min(max_frame_size, _LARGE)
         # Everything needed to rebuild this codec in a child process.
         self._options: dict[str, Any] = dict(
             serializer=serializer,
@@ -476,8 +481,34 @@ class Codec:
         deserialized before its tag has verified.
         """
         try:
-            header, payload = self._open(frame)
-            return self._deserialize(header, payload)
+            view = memoryview(frame)
+            if view.itemsize != 1 or view.ndim != 1:
+                view = view.cast("B")  # e.g. a memoryview of an array of ints
+            size = view.nbytes
+            if _frame.MIN_FRAME_SIZE <= size <= self._small_max:
+                # The same checks in the same order, for a header whose
+                # constant part (up to the key id) an earlier frame passed.
+                known = self._leads.get(bytes(view[: _frame.LEAD_SIZE + view[6]]))
+                if known is not None:
+                    alg, key_id, mid, tag_size, param = known
+                    created_ms, nonce, length = _MID.unpack_from(view, mid)
+                    end = size - tag_size
+                    start = mid + _frame.MID_SIZE
+                    key = self._keyring._mac_key(key_id, alg)
+                    if length == end - start and key is not None:
+                        if alg == ALG_HMAC_SHA256:
+                            expected = key.hmac(view[:end], self._context)
+                        else:
+                            expected = one_shot(alg, key, nonce, view[:end], self._context)
+                        if not hmac.compare_digest(expected, view[end:]):
+                            raise self._bad_tag()
+                        age_ms = self._clock() * 1000.0 - created_ms
+                        if age_ms >= -self._skew_ms and (
+                            self._max_age_ms is None or age_ms <= self._max_age_ms
+                        ):
+                            return self._deserialize(param, view[start:end], start)
+            header, payload = self._open(view)
+            return self._deserialize(header.param, payload, header.payload_start)
         except RejectedFrame as exc:
             raise self._refused(exc, frame) from None
 
@@ -509,7 +540,8 @@ class Codec:
                 if not hmac.compare_digest(tag, view[end:]):
                     raise self._bad_tag()
             self._check_after_tag(header)
-            return self._deserialize(header, view[header.payload_start : end])
+            return self._deserialize(header.param, view[header.payload_start : end],
+                                     header.payload_start)
         except RejectedFrame as exc:
             raise self._refused(exc, buf) from None
 
@@ -530,6 +562,15 @@ class Codec:
         header, key = self._check_head(view, view.nbytes)
         self._check_tag(header, key, view)
         self._check_after_tag(header)
+        if header.serializer == self._serializer.id:
+            # Remember the constant part of this header for the fast path.
+            lead = bytes(view[: _frame.LEAD_SIZE + len(header.key_id)])
+            if lead not in self._leads:
+                if len(self._leads) >= 64:
+                    self._leads.clear()
+                self._leads[lead] = (
+                    header.alg, header.key_id, len(lead), TAG_SIZES[header.alg], header.param
+                )
         return header, view[header.payload_start : header.payload_end]
 
     def _check_head(self, view: memoryview, size: int) -> tuple[_frame.Header, MacKey]:
@@ -593,16 +634,16 @@ class Codec:
                 f"reads {self._serializer.name!r}"
             )
 
-    def _deserialize(self, header: _frame.Header, payload: memoryview) -> Any:
+    def _deserialize(self, param: int, payload: memoryview, payload_start: int) -> Any:
         buffers = None
-        if header.param & _frame.OUT_OF_BAND:
-            payload, buffers = _frame.split_buffers(payload, header.payload_start)
+        if param & _frame.OUT_OF_BAND:
+            payload, buffers = _frame.split_buffers(payload, payload_start)
             if payload.readonly:
                 # Arrays over a read-only frame (bytes) would be read-only,
                 # unlike arrays loaded from an ordinary pickle: copy them.
                 buffers = [memoryview(bytearray(b)) for b in buffers]
         try:
-            return self._serializer.loads(payload, header.param, buffers)
+            return self._serializer.loads(payload, param, buffers)
         except Refusal as exc:
             refusals = self._all_refusals(payload, exc)
             entries = [r.entry for r in refusals if r.entry]

@@ -440,11 +440,23 @@ class _Restricted:
     a pickle that changes a class or function it named is refused.
     """
 
+    _policy: Policy
+    _budget_size: int
+    _budget: _Budget | None
+    # (name, is an enum member of it, object, state before the load)
+    _named: list[tuple[str, bool, Any, tuple[Any, ...]]]
+
     def _setup(self, policy: Policy, budget: int) -> None:
         self._policy = policy
+        self._budget_size = budget
         self._budget = _Budget(budget)
-        # (name, is an enum member of it, object, state before the load)
-        self._named: list[tuple[str, bool, Any, tuple[Any, ...]]] = []
+        self._named = []
+
+    def _the_budget(self) -> _Budget:
+        budget = self._budget
+        if budget is None:  # made on first use: most loads call no guard
+            budget = self._budget = _Budget(self._budget_size)
+        return budget
 
     def find_class(self, module: str, name: str) -> Any:
         # Python 2 names, as protocols 0-2 write them by default
@@ -461,7 +473,7 @@ class _Restricted:
         except TypeError:  # unhashable object
             check = None
         if check is not None:
-            return Guard(obj, check, self._budget)
+            return Guard(obj, check, self._the_budget())
         shown = f"{module}.{name}"
         for target, state in _snapshot(obj):
             self._named.append((shown, target is not obj, target, state))
@@ -484,14 +496,12 @@ class _Restricted:
 
 
 class RestrictedUnpickler(_Restricted, pickle.Unpickler):
-    """The C unpickler, restricted: for policies that admit no numpy global."""
+    """
+    The C unpickler, restricted: for policies that admit no numpy global.
+    Made by :func:`restricted_loads` with the C constructor and its
+    attributes set directly (no Python-level ``__init__`` on the hot path).
+    """
 
-    def __init__(
-        self, file: io.BytesIO, policy: Policy, budget: int,
-        buffers: list[memoryview] | None = None,
-    ) -> None:
-        pickle.Unpickler.__init__(self, file, fix_imports=False, buffers=buffers)
-        self._setup(policy, budget)
 
 
 def _shape_size(shape: object) -> int:
@@ -570,11 +580,11 @@ def _build_dtype(unpickler: Any, numpy: Any, inst: Any, state: object) -> None:
     # Only a dtype this load just made with numpy.dtype(text, align, True),
     # once, and before anything used it: a BUILD on a dtype an array already
     # uses would change the layout under the array's data.
-    pending = unpickler._budget.pending
+    pending = unpickler._the_budget().pending
     if pending.get(id(inst)) is not inst:
         raise GuardRefused("a numpy dtype takes one BUILD, right after it is made")
     del pending[id(inst)]
-    if _uses_pending(unpickler._budget, state):
+    if _uses_pending(unpickler._the_budget(), state):
         raise GuardRefused("a numpy dtype was used before its state was set")
     expected = _expected_dtype(numpy, state)
     before = (inst.itemsize, inst.flags, inst.hasobject, inst.alignment)
@@ -625,7 +635,7 @@ class CheckedBuildUnpickler(_Restricted, pickle._Unpickler):
             inst = stack[-2]
             if isinstance(inst, numpy.ndarray):
                 _check_array_state(numpy, stack[-1])
-                if _uses_pending(self._budget, stack[-1]):
+                if _uses_pending(self._the_budget(), stack[-1]):
                     raise GuardRefused("a numpy dtype was used before its state was set")
             elif isinstance(inst, numpy.generic):
                 raise GuardRefused("numpy scalars take no BUILD state")
@@ -707,13 +717,27 @@ def restricted_loads(
     """
     size = len(payload)
     file = io.BytesIO(payload)
-    codes = _extension_codes(payload, policy)
+    codes = (
+        _extension_codes(payload, policy)
+        if copyreg._extension_cache or copyreg._inverted_registry  # type: ignore[attr-defined]
+        else ()
+    )
     kind = policy.__dict__.get("_unpickler_kind")
     if kind is None:  # a policy never changes what it admits: decide once
         kind = CheckedBuildUnpickler if _admits_numpy(policy) else RestrictedUnpickler
         policy.__dict__["_unpickler_kind"] = kind
     budget = size + sum(len(b) for b in buffers) if buffers else size
-    unpickler = kind(file, policy, BUDGET_FACTOR * budget + BUDGET_SLACK, buffers)
+    unpickler: RestrictedUnpickler | CheckedBuildUnpickler
+    if kind is RestrictedUnpickler:
+        unpickler = RestrictedUnpickler(file, fix_imports=False, buffers=buffers)
+        unpickler._policy = policy
+        unpickler._budget_size = BUDGET_FACTOR * budget + BUDGET_SLACK
+        unpickler._budget = None
+        unpickler._named = []
+    else:
+        unpickler = CheckedBuildUnpickler(
+            file, policy, BUDGET_FACTOR * budget + BUDGET_SLACK, buffers
+        )
     try:
         obj = unpickler.load()
     finally:
