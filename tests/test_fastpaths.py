@@ -539,3 +539,61 @@ def test_reseal_refuses_a_signed_malformed_layout_like_loads(ring: Keyring) -> N
             method(bad)
         assert info.value.frame == bad
     assert bytes(codec.loads(codec.reseal(good))) == b"ok"
+
+
+# -- plain data: pickle.loads only where no opcode can load a global ---------
+
+
+def test_plain_data_covers_every_global_loading_opcode() -> None:
+    """The byte set is exactly the opcodes that bring a global, extension or persistent object."""
+    import pickletools
+
+    from signedqueue._unpickler import _GLOBAL_OPCODES
+
+    loaders = {"GLOBAL", "INST", "OBJ", "PERSID", "BINPERSID", "EXT1", "EXT2", "EXT4",
+               "STACK_GLOBAL"}
+    codes = {op.code.encode("latin-1") for op in pickletools.opcodes if op.name in loaders}
+    assert len(codes) == len(loaders)
+    for value in range(256):
+        byte = bytes([value])
+        assert (_GLOBAL_OPCODES.search(byte) is not None) == (byte in codes), byte
+
+
+@pytest.mark.parametrize("obj", [
+    {"a": 1, "b": [2, 3]}, [1.5, None, True, b"xy", bytearray(b"z")], (1, 2), {1, 2},
+    frozenset({3}), "", {"deep": [[[{}]]]},
+])
+def test_plain_data_loads_like_the_restricted_unpickler(ring: Keyring, obj: Any) -> None:
+    """Builtin data takes the shortcut (when no byte looks like a global opcode) and loads equal."""
+    from signedqueue._unpickler import plain_data, restricted_loads
+
+    payload = pickle.dumps(obj, 5)
+    expected = restricted_loads(payload, Codec(ring)._serializer.policy)  # type: ignore[attr-defined]
+    assert expected == obj
+    assert Codec(ring).loads(Codec(ring).dumps(obj)) == obj
+    if plain_data(payload):
+        assert pickle.loads(payload) == expected
+
+
+@pytest.mark.parametrize("opcode_payload", [
+    pickle.dumps(Keyring, 5),  # STACK_GLOBAL
+    pickle.dumps(Keyring, 0),  # GLOBAL, protocol 0
+    b"\x80\x05\x95\x0d\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x8c\x06system\x93.",
+])
+def test_plain_data_refuses_payloads_that_load_globals(opcode_payload: bytes) -> None:
+    """A payload naming a global never takes the shortcut; the allowlist still decides."""
+    from signedqueue._unpickler import plain_data
+
+    assert not plain_data(opcode_payload)
+
+
+def test_plain_data_needs_one_frame_ending_at_stop() -> None:
+    """Trailing bytes, a second frame or an unframed pickle go the restricted way."""
+    from signedqueue._unpickler import plain_data
+
+    good = pickle.dumps({"a": 1}, 5)
+    assert plain_data(good)
+    assert not plain_data(good + b".")
+    assert not plain_data(good[:-1])
+    assert not plain_data(pickle.dumps({"a": 1}, 2))
+    assert not plain_data(pickle.dumps({"k": "piece"}, 5))  # an "i" in the data

@@ -406,15 +406,20 @@ class Codec:
         size = len(payload)
         if size >= _LARGE:
             return self._sealing(payload, param, [], created_ms, nonce).to_bytes()
-        key_id, key = self._keyring._signing(self._alg)
-        nonce = os.urandom(_frame.NONCE_SIZE) if nonce is None else nonce
-        header = self._prefix(key_id, param) + _frame.header_suffix(
+        alg = self._alg
+        key_id, key = self._keyring._signing(alg)
+        prefix = self._prefixes.get((key_id, param)) or self._prefix(key_id, param)
+        if nonce is None:
+            nonce = os.urandom(_frame.NONCE_SIZE)
+        header = prefix + _MID.pack(
             int(self._clock() * 1000) if created_ms is None else created_ms, nonce, size
         )
         if size + len(header) + self._tag_size > self._max_frame_size:
             raise self._too_large(size + len(header) + self._tag_size)
         body = header + payload
-        return body + one_shot(self._alg, key, nonce, body, self._context)
+        if alg == ALG_HMAC_SHA256:
+            return body + key.hmac(body, self._context)
+        return body + one_shot(alg, key, nonce, body, self._context)
 
     def reseal(self, frame: Buffer) -> bytes:
         """

@@ -91,6 +91,11 @@ def write_segment_ref(fd: int, size: int, name: str) -> None:
     _write_views(fd, [memoryview(RECORD_HEADER.pack(SEGMENT | len(body)) + body)])
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write *data* (one or more whole records), however many writes it takes."""
+    _write_views(fd, [memoryview(data)])
+
+
 def _write_views(fd: int, views: list[memoryview]) -> None:
     while views:
         written = os.writev(fd, views)

@@ -46,6 +46,10 @@ _sentinel = object()
 
 #: Frames at least this large travel through shared memory by default.
 DEFAULT_SHM_THRESHOLD = 1 << 20
+#: Frames smaller than this that are queued together are written together,
+#: at most this many records at a time.
+_BATCHED = 16 * 1024
+_BATCH_RECORDS = 64
 
 Item = bytes | Sealing
 
@@ -419,6 +423,19 @@ class SignedQueue:
         token: str,
     ) -> None:
         popleft = buffer.popleft
+        pack = _pipe.RECORD_HEADER.pack
+        batch: list[bytes] = []  # small records, written with one write
+        unsent = 0  # frames taken from the buffer and not yet in the pipe
+
+        def flush() -> None:
+            nonlocal unsent
+            if batch:
+                data = b"".join(batch)
+                with writelock:
+                    _pipe.write_all(fd, data)
+                batch.clear()
+            unsent = 0
+
         while True:
             try:
                 with notempty:
@@ -428,9 +445,21 @@ class SignedQueue:
                     while True:
                         frame = popleft()
                         if frame is _sentinel:
+                            flush()
                             reader_close()
                             writer_close()
                             return
+                        unsent += 1
+                        if type(frame) is bytes and len(frame) < _BATCHED:
+                            # Frames queued together go out together: one
+                            # system call and one lock for many records.
+                            batch.append(pack(len(frame)))
+                            batch.append(frame)
+                            if len(batch) >= 2 * _BATCH_RECORDS:
+                                flush()
+                            continue
+                        flush()
+                        unsent = 1
                         size = frame.size if isinstance(frame, Sealing) else len(frame)
                         if shm_threshold is not None and size >= shm_threshold:
                             # Made outside the write lock: other producers'
@@ -445,17 +474,24 @@ class SignedQueue:
                         else:
                             with writelock:
                                 _pipe.write_record(fd, frame)
+                        unsent = 0
                 except IndexError:
                     pass
+                flush()
             except Exception as exc:
                 if ignore_epipe and getattr(exc, "errno", 0) == errno.EPIPE:
                     return
                 if is_exiting():
                     return
-                # The frame never reached the pipe: free its slot and report.
-                queue_sem.release()
-                on_unsent()
-                logger.error("signedqueue: feeder thread could not write a frame: %r", exc)
+                # Those frames never reached the pipe: free their slots, report.
+                lost, unsent = max(unsent, 1), 0
+                batch.clear()
+                for _ in range(lost):
+                    queue_sem.release()
+                    on_unsent()
+                logger.error(
+                    "signedqueue: feeder thread could not write %d frame(s): %r", lost, exc
+                )
 
 
 def _is_zero(sem: Any) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 from . import _frame
 from ._allowlist import Policy
 from ._msgpack import MsgpackCodec
-from ._unpickler import restricted_loads
+from ._unpickler import plain_data, restricted_loads
 
 __all__ = ["DEFAULT_PROTOCOL", "Serializer", "make_serializer"]
 
@@ -132,6 +132,8 @@ class PickleSerializer(_PickleFamily):
         self.check_param(param, payload)
         if self.policy is None:
             return pickle.loads(payload, buffers=buffers)
+        if buffers is None and plain_data(payload):
+            return pickle.loads(payload)
         return restricted_loads(payload, self.policy, buffers)
 
 

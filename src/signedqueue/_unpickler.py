@@ -22,6 +22,8 @@ import fractions
 import io
 import pickle
 import pickletools
+import re
+import struct
 import sys
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -701,6 +703,36 @@ def _extension_codes(payload: bytes | bytearray | memoryview, policy: Policy) ->
             policy.resolve(*pair)  # raises Refusal
         copyreg._extension_cache.pop(code, None)  # type: ignore[attr-defined]
     return codes
+
+
+#: Every opcode that can bring a global, an extension object or a persistent
+#: object onto the stack: GLOBAL, INST, OBJ, PERSID, BINPERSID, EXT1, EXT2,
+#: EXT4, STACK_GLOBAL.  REDUCE, BUILD, NEWOBJ and NEWOBJ_EX need a callable
+#: or class from one of these: the other opcodes make only str, bytes,
+#: bytearray, int, float, bool, None, list, tuple, dict, set and frozenset.
+_GLOBAL_OPCODES = re.compile(rb"[cioPQ\x82\x83\x84\x93]")
+_STOP = ord(".")
+_FRAMED = struct.Struct("<2sBQ")  # PROTO n, FRAME, frame length
+
+
+def plain_data(payload: bytes | bytearray | memoryview) -> bool:
+    """
+    True if *payload* is one protocol 4+ frame, ending at its STOP, in which
+    no byte has the value of a global-loading opcode: then no opcode of it
+    loads a global, and plain ``pickle.loads`` can build nothing but builtin
+    data, exactly as the restricted unpickler would.  Bytes of that value in
+    the data (an ``"i"`` in a string) only send the payload the slow way.
+    """
+    size = len(payload)
+    if size < _FRAMED.size + 1 or payload[-1] != _STOP:
+        return False
+    proto, op, length = _FRAMED.unpack_from(payload)
+    return (
+        proto[0] == 0x80
+        and op == 0x95
+        and length == size - _FRAMED.size
+        and _GLOBAL_OPCODES.search(payload) is None
+    )
 
 
 def restricted_loads(
