@@ -365,7 +365,7 @@ class Codec:
     ) -> Sealing:
         key_id, key = self._keyring._signing(self._alg)
         prefix = self._prefix(key_id, param)
-        nonce = os.urandom(_frame.NONCE_SIZE) if nonce is None else nonce
+        nonce = _frame.new_nonce() if nonce is None else nonce
         created = int(self._clock() * 1000) if created_ms is None else created_ms
         pieces: list[Buffer]
         if buffers:
@@ -410,7 +410,7 @@ class Codec:
         key_id, key = self._keyring._signing(alg)
         prefix = self._prefixes.get((key_id, param)) or self._prefix(key_id, param)
         if nonce is None:
-            nonce = os.urandom(_frame.NONCE_SIZE)
+            nonce = _frame.new_nonce()
         header = prefix + _MID.pack(
             int(self._clock() * 1000) if created_ms is None else created_ms, nonce, size
         )

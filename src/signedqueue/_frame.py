@@ -35,6 +35,8 @@ A payload with out-of-band buffers (param 0x85) is laid out as::
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 import struct
 from typing import NamedTuple
@@ -96,6 +98,31 @@ class Header(NamedTuple):
     nonce: bytes
     payload_start: int
     payload_end: int  # == start of the tag; everything before it is signed
+
+
+class _Nonces:
+    """
+    Frame nonces: 8 random bytes drawn once per process (again in a forked
+    child) followed by an 8-byte counter.  Unique within a process by the
+    counter and across processes by the random half; made without a system
+    call, so sealing a small frame never releases the GIL to a feeder thread.
+    """
+
+    def __init__(self) -> None:
+        self._reseed()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reseed)
+
+    def _reseed(self) -> None:
+        self._prefix = os.urandom(NONCE_SIZE // 2)
+        self._counter = itertools.count()
+
+    def __call__(self) -> bytes:
+        return self._prefix + next(self._counter).to_bytes(NONCE_SIZE // 2, "big")
+
+
+#: ``new_nonce()`` returns a fresh 16-byte frame nonce.
+new_nonce = _Nonces()
 
 
 def header_prefix(alg: int, serializer: int, param: int, key_id: bytes) -> bytes:

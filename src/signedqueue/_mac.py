@@ -41,6 +41,10 @@ MAC_IDS = {name: alg for alg, name in MAC_NAMES.items()}
 TAG_SIZES = {ALG_HMAC_SHA256: 32, ALG_AES256_GMAC: 16}
 
 _IV_SIZE = 12
+#: hashlib releases the GIL for updates of this many bytes or more.
+_GIL_FREE = 2048
+#: Up to this size a tag is computed without releasing the GIL.
+_HOLD_GIL_BELOW = 64 * 1024
 
 
 class Mac(Protocol):
@@ -73,7 +77,16 @@ class MacKey:
     def hmac(self, data: bytes | bytearray | memoryview, context: bytes = b"") -> bytes:
         """HMAC-SHA256 over ``data || context``."""
         inner = self._inner.copy()
-        inner.update(data)
+        size = len(data)
+        if _GIL_FREE <= size < _HOLD_GIL_BELOW:
+            # hashlib lets other threads run while it hashes 2 KiB or more;
+            # for a small frame the hand-over to the queue's feeder thread
+            # and back costs more than the hash: feed it below that size.
+            view = memoryview(data)
+            for start in range(0, size, _GIL_FREE - 1):
+                inner.update(view[start : start + _GIL_FREE - 1])
+        else:
+            inner.update(data)
         if context:
             inner.update(context)
         outer = self._outer.copy()

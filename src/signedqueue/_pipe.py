@@ -33,6 +33,7 @@ __all__ = [
 ]
 
 RECORD_HEADER = struct.Struct(">Q")
+_unpack = RECORD_HEADER.unpack
 #: Top bit of a record's length: the record names a shared-memory segment.
 SEGMENT = 1 << 63
 _MAX_SEGMENT_RECORD = 8 + 255
@@ -120,12 +121,14 @@ def read_record(fd: int, limit: int) -> bytearray | Oversized | SegmentRef:
     returned as :class:`Oversized`, so the next record is still readable and
     memory stays bounded.
     """
-    head = bytearray(RECORD_HEADER.size)
-    first = os.readv(fd, [head])
-    if first == 0:
-        raise EOFError
-    _read_into(fd, memoryview(head)[first:])
-    (size,) = RECORD_HEADER.unpack(head)
+    head = os.read(fd, 8)
+    if len(head) != 8:
+        if not head:
+            raise EOFError
+        rest = bytearray(8 - len(head))
+        _read_into(fd, memoryview(rest))
+        head += rest
+    (size,) = _unpack(head)
     if size & SEGMENT:
         size &= ~SEGMENT
         if not 9 <= size <= _MAX_SEGMENT_RECORD:
@@ -135,11 +138,15 @@ def read_record(fd: int, limit: int) -> bytearray | Oversized | SegmentRef:
         _read_into(fd, memoryview(body))
         (frame_size,) = RECORD_HEADER.unpack_from(body)
         name = bytes(body[8:]).decode("ascii", "replace")
-        return SegmentRef(frame_size, name, bytes(head + body))
+        return SegmentRef(frame_size, name, bytes(head) + bytes(body))
     if size > limit:
         return _drain(fd, size)
     buf = bytearray(size)
-    _read_into(fd, memoryview(buf))
+    got = os.readv(fd, [buf])
+    if got != size:
+        if got == 0 and size:
+            raise EOFError("the queue's pipe was closed in the middle of a record")
+        _read_into(fd, memoryview(buf)[got:])
     return buf
 
 
