@@ -68,12 +68,15 @@ class Sealing:
         return mac.digest()
 
     def stream(self, write: Callable[[memoryview], Any]) -> None:
-        """Hash and *write* each chunk in order, then write the tag."""
+        """
+        *write* and hash each chunk in order, then write the tag.  Hashing
+        a chunk right after it was copied out finds it in the CPU cache.
+        """
         mac = self.mac()
         update = mac.update
         for view in chunks_of(self.pieces):
-            update(view)
             write(view)
+            update(view)
         write(memoryview(self.finish(mac)))
 
     def to_bytes(self) -> bytes:

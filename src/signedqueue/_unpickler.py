@@ -622,7 +622,7 @@ class CheckedBuildUnpickler(_Restricted, pickle._Unpickler):
     )
 
     def __init__(
-        self, file: io.BytesIO, policy: Policy, budget: int,
+        self, file: io.BytesIO | _ViewReader, policy: Policy, budget: int,
         buffers: list[memoryview] | None = None,
     ) -> None:
         pickle._Unpickler.__init__(
@@ -735,6 +735,51 @@ def plain_data(payload: bytes | bytearray | memoryview) -> bool:
     )
 
 
+class _ViewReader:
+    """
+    A read-only file over a buffer, for large payloads: ``io.BytesIO`` would
+    first copy the whole payload, and the unpickler then reads each large
+    bytes object straight into its result with ``readinto``.
+    """
+
+    __slots__ = ("_pos", "_view")
+
+    def __init__(self, payload: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(payload).cast("B")
+        self._pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        start = self._pos
+        end = len(self._view) if n < 0 else min(start + n, len(self._view))
+        self._pos = end
+        return bytes(self._view[start:end])
+
+    def readinto(self, buffer: Any) -> int:
+        target = memoryview(buffer).cast("B")
+        start = self._pos
+        n = min(len(target), len(self._view) - start)
+        target[:n] = self._view[start : start + n]
+        self._pos = start + n
+        return n
+
+    def readline(self) -> bytes:
+        start = self._pos
+        view = self._view
+        end = start
+        while end < len(view) and view[end] != 0x0A:
+            end += 1
+        end = min(end + 1, len(view))
+        self._pos = end
+        return bytes(view[start:end])
+
+    def tell(self) -> int:
+        return self._pos
+
+
+#: Payloads at least this large are read in place, not copied into a BytesIO.
+_IN_PLACE = 64 * 1024
+
+
 def restricted_loads(
     payload: bytes | bytearray | memoryview,
     policy: Policy,
@@ -748,7 +793,9 @@ def restricted_loads(
     turns each into a :class:`~signedqueue.RejectedFrame`.
     """
     size = len(payload)
-    file = io.BytesIO(payload)
+    file: io.BytesIO | _ViewReader = (
+        io.BytesIO(payload) if size < _IN_PLACE else _ViewReader(payload)
+    )
     codes = (
         _extension_codes(payload, policy)
         if copyreg._extension_cache or copyreg._inverted_registry  # type: ignore[attr-defined]
