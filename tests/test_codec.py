@@ -427,9 +427,11 @@ def test_size_checked_before_hashing_or_parsing(
     """An oversized frame is refused before any byte is parsed or hashed."""
     codec = Codec(ring, max_frame_size=200)
     small, big = codec.dumps("ok"), Codec(ring).dumps("x" * 500)
-    # Every MAC computation goes through these two (and hmac for the compare).
-    for name in ("one_shot", "new_mac"):
-        monkeypatch.setattr(signedqueue._codec, name, getattr(_Tripwire("mac"), name))
+    # Every MAC computation goes through one_shot or a MacKey (and hmac for
+    # the compare).
+    monkeypatch.setattr(signedqueue._codec, "one_shot", _Tripwire("mac").one_shot)
+    for name in ("hmac", "new"):
+        monkeypatch.setattr(signedqueue._mac.MacKey, name, getattr(_Tripwire("MacKey"), name))
     monkeypatch.setattr(signedqueue._mac, "hashlib", _Tripwire("hashlib"))
     monkeypatch.setattr(signedqueue._codec, "hmac", _Tripwire("hmac"))
     with pytest.raises(FrameTooLarge) as info:
@@ -519,7 +521,6 @@ def test_one_mac_per_frame_whatever_the_ring_size(
     monkeypatch.setattr(signedqueue._mac.MacKey, "hmac", counted_hmac)
     monkeypatch.setattr(signedqueue._mac.MacKey, "new", counted_new)
     monkeypatch.setattr(signedqueue._codec, "one_shot", macs.one_shot)
-    monkeypatch.setattr(signedqueue._codec, "new_mac", macs.new_mac)
     monkeypatch.setattr(signedqueue._keys, "derive_mac_key", _Tripwire("keys").derive_mac_key)
 
     def counts() -> tuple[int, int, int]:

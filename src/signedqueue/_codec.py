@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import mmap
 import os
 import time
 import warnings
@@ -25,10 +24,10 @@ from . import _frame
 from ._allowlist import AllowEntry, Allowlist, Policy, Refusal
 from ._audit import AuditReport, append_sighting
 from ._keys import Keyring
-from ._mac import ALG_HMAC_SHA256, MAC_IDS, MAC_NAMES, TAG_SIZES, MacKey, new_mac, one_shot
+from ._mac import ALG_HMAC_SHA256, MAC_IDS, MAC_NAMES, TAG_SIZES, MacKey, one_shot
 from ._msgpack import InvalidFields, UnregisteredClass
 from ._scan import ScanError, pickle_globals
-from ._sealing import Sealing, verify_chunks
+from ._sealing import Sealing
 from ._serializers import (
     DEFAULT_PROTOCOL,
     Serializer,
@@ -326,7 +325,7 @@ class Codec:
         carry) propagate unchanged.
         """
         payload, param, buffers = self._serializer.dumps_oob(obj)
-        if not buffers:
+        if not buffers and not isinstance(payload, list):
             return self._seal(payload, param)
         return self._sealing(payload, param, buffers).to_bytes()
 
@@ -336,7 +335,7 @@ class Codec:
         or a large one as a :class:`Sealing` whose tag its writer computes.
         """
         payload, param, buffers = self._serializer.dumps_oob(obj)
-        if not buffers and len(payload) < _LARGE:
+        if not buffers and not isinstance(payload, list) and len(payload) < _LARGE:
             return self._seal(payload, param)
         return self._sealing(payload, param, buffers)
 
@@ -358,7 +357,7 @@ class Codec:
 
     def _sealing(
         self,
-        payload: Buffer,
+        payload: Buffer | list[Buffer],
         param: int,
         buffers: list[memoryview],
         created_ms: int | None = None,
@@ -368,19 +367,21 @@ class Codec:
         prefix = self._prefix(key_id, param)
         nonce = _frame.new_nonce() if nonce is None else nonce
         created = int(self._clock() * 1000) if created_ms is None else created_ms
+        parts = payload if isinstance(payload, list) else [payload]
+        pickle_size = sum(len(p) for p in parts)
         pieces: list[Buffer]
         if buffers:
             table, pads, size = _frame.buffer_layout(
-                len(prefix) + _frame.MID_SIZE, len(payload), [len(b) for b in buffers]
+                len(prefix) + _frame.MID_SIZE, pickle_size, [len(b) for b in buffers]
             )
-            pieces = [b"", table, payload]
+            pieces = [b"", table, *parts]
             for pad, buffer in zip(pads, buffers, strict=True):
                 if pad:
                     pieces.append(bytes(pad))
                 pieces.append(buffer)
         else:
-            size = len(payload)
-            pieces = [b"", payload]
+            size = pickle_size
+            pieces = [b"", *parts]
         pieces[0] = prefix + _frame.header_suffix(created, nonce, size)
         total = len(pieces[0]) + size + self._tag_size
         if total > self._max_frame_size:
@@ -517,39 +518,6 @@ class Codec:
             return self._deserialize(header.param, payload, header.payload_start)
         except RejectedFrame as exc:
             raise self._refused(exc, frame) from None
-
-    def _load_streamed(self, size: int, fill: Callable[[memoryview], None]) -> Any:
-        """
-        :meth:`loads` of a frame of *size* bytes that *fill* copies into a
-        private buffer piece by piece (from shared memory): each piece is
-        hashed as it arrives, and the whole frame is always read, refused or
-        not.  *size* must be within ``max_frame_size``.
-        """
-        buf = _private_buffer(size)
-        view = memoryview(buf)
-        try:
-            head = min(size, _frame.MAX_HEADER_SIZE)
-            fill(view[:head])
-            try:
-                header, key = self._check_head(view[:head], size)
-            except RejectedFrame:
-                fill(view[head:])
-                raise
-            end = header.payload_end
-            if head >= end:  # a tiny frame: nothing to stream
-                fill(view[head:])
-                self._check_tag(header, key, view)
-            else:
-                mac = new_mac(header.alg, key, header.nonce)
-                mac.update(view[:head])
-                tag = verify_chunks(mac, view, head, end, fill, self._context)
-                if not hmac.compare_digest(tag, view[end:]):
-                    raise self._bad_tag()
-            self._check_after_tag(header)
-            return self._deserialize(header.param, view[header.payload_start : end],
-                                     header.payload_start)
-        except RejectedFrame as exc:
-            raise self._refused(exc, view) from None
 
     def unseal(self, frame: Buffer) -> bytes:
         """
@@ -746,24 +714,6 @@ class Codec:
             exc.size if isinstance(exc, FrameTooLarge) else len(raw),
         )
         return exc
-
-
-#: Private buffers at least this large are anonymous maps that may use huge
-#: pages: far fewer page faults while a large frame is copied in.
-_MAPPED = 4 * 1024 * 1024
-
-
-def _private_buffer(size: int) -> bytearray | mmap.mmap:
-    """Zeroed, writable memory of this process for one frame."""
-    if size < _MAPPED:
-        return bytearray(size)
-    buf = mmap.mmap(-1, size)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # pragma: no cover - transparent huge pages off
-            pass
-    return buf
 
 
 def _rebuild_codec(keyring: Keyring, options: dict[str, Any]) -> Codec:

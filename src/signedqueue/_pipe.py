@@ -2,9 +2,10 @@
 Raw records over a pipe: the transport under :class:`SignedQueue`.
 
 A record is an 8-byte big-endian length followed by that many bytes (one
-frame).  If the length's top bit is set, the record instead names a
-shared-memory segment that holds the frame (see :mod:`signedqueue._shm`):
-an 8-byte big-endian frame size, then the segment's ASCII name.  Nothing here
+frame).  If the length's top bit is set, the record instead stands for a
+frame in a sealed memory file passed beside the pipe (see
+:mod:`signedqueue._shm`): 16 bytes, the frame's size and the file's inode
+number, both 8-byte big-endian.  Nothing here
 deserializes anything: records are read into a preallocated buffer and
 handed to the codec, which verifies them first.
 
@@ -34,9 +35,9 @@ __all__ = [
 
 RECORD_HEADER = struct.Struct(">Q")
 _unpack = RECORD_HEADER.unpack
-#: Top bit of a record's length: the record names a shared-memory segment.
+#: Top bit of a record's length: the frame is in a sealed memory file.
 SEGMENT = 1 << 63
-_MAX_SEGMENT_RECORD = 8 + 255
+_SEGMENT_RECORD = struct.Struct(">QQ")
 #: Pipe buffer size requested on Linux (the unprivileged maximum by default).
 PIPE_SIZE = 1 << 20
 _F_SETPIPE_SZ = 1031  # Linux fcntl
@@ -53,14 +54,17 @@ class Oversized:
 
 
 class SegmentRef:
-    """A record naming the shared-memory segment that holds a frame."""
+    """A record standing for a frame in a sealed memory file."""
 
-    __slots__ = ("name", "record", "size")
+    __slots__ = ("error", "fd", "inode", "record", "size")
 
-    def __init__(self, size: int, name: str, record: bytes) -> None:
+    def __init__(self, size: int, inode: int, record: bytes) -> None:
         self.size = size
-        self.name = name
+        self.inode = inode
         self.record = record
+        #: The memory file, once taken from the socket (or why it was not).
+        self.fd: int | None = None
+        self.error: OSError | None = None
 
 
 def enlarge_pipe(fd: int) -> None:
@@ -86,9 +90,9 @@ def write_record(fd: int, frame: bytes | bytearray | memoryview | Sealing) -> No
     _write_views(fd, [memoryview(RECORD_HEADER.pack(len(frame))), memoryview(frame).cast("B")])
 
 
-def write_segment_ref(fd: int, size: int, name: str) -> None:
-    """Write a record naming the segment *name* that holds a *size*-byte frame."""
-    body = RECORD_HEADER.pack(size) + name.encode("ascii")
+def write_segment_ref(fd: int, size: int, inode: int) -> None:
+    """Write a record for a *size*-byte frame in the memory file *inode*."""
+    body = _SEGMENT_RECORD.pack(size, inode)
     _write_views(fd, [memoryview(RECORD_HEADER.pack(SEGMENT | len(body)) + body)])
 
 
@@ -131,14 +135,13 @@ def read_record(fd: int, limit: int) -> bytearray | Oversized | SegmentRef:
     (size,) = _unpack(head)
     if size & SEGMENT:
         size &= ~SEGMENT
-        if not 9 <= size <= _MAX_SEGMENT_RECORD:
+        if size != _SEGMENT_RECORD.size:
             # Not one of ours: drain it and let the codec refuse its start.
             return _drain(fd, size)
         body = bytearray(size)
         _read_into(fd, memoryview(body))
-        (frame_size,) = RECORD_HEADER.unpack_from(body)
-        name = bytes(body[8:]).decode("ascii", "replace")
-        return SegmentRef(frame_size, name, bytes(head) + bytes(body))
+        frame_size, inode = _SEGMENT_RECORD.unpack(body)
+        return SegmentRef(frame_size, inode, bytes(head) + bytes(body))
     if size > limit:
         return _drain(fd, size)
     buf = bytearray(size)

@@ -19,7 +19,6 @@ import errno
 import logging
 import multiprocessing
 import os
-import secrets
 import sys
 import threading
 import time
@@ -67,11 +66,11 @@ class SignedQueue:
         keyring: Signs frames on ``put`` and verifies them on ``get``.
         maxsize: Upper bound on items in the queue; ``<= 0`` for unbounded.
         ctx: A multiprocessing context (default: the current one).
-        shm_threshold: Frames of at least this many bytes go through a
-            shared-memory segment instead of the pipe (Linux; default 1 MiB);
-            ``None`` sends every frame through the pipe.  The tag covers the
-            frame as it is in shared memory, and the consumer verifies a
-            private copy (see :mod:`signedqueue._shm`).
+        shm_threshold: Frames of at least this many bytes travel as sealed
+            memory files passed beside the pipe instead of through it (Linux;
+            default 1 MiB); ``None`` sends every frame through the pipe.  A
+            sealed file cannot change, so the consumer verifies and loads it
+            in place, without a copy (see :mod:`signedqueue._shm`).
         **codec_options: Passed to :class:`Codec` (``serializer``, ``allow``,
             ``max_age``, ``context``, ``max_frame_size``, ...).
 
@@ -111,11 +110,9 @@ class SignedQueue:
         if shm_threshold is not None and shm_threshold < 1:
             raise ValueError("shm_threshold must be a positive number of bytes or None")
         self._shm_threshold = shm_threshold if _shm.available() else None
-        self._token = secrets.token_hex(8)
-        if self._shm_threshold is not None:
-            # Segments never taken are removed when this process exits, after
-            # its children were joined (a negative exit priority runs last).
-            Finalize(None, _shm.sweep, args=(self._token,), exitpriority=-20)
+        self._fds: tuple[connection.Connection, connection.Connection] | None = (
+            _shm.channel() if self._shm_threshold is not None else None
+        )
         self._reset()
         register_after_fork(self, SignedQueue._after_fork)
 
@@ -126,14 +123,14 @@ class SignedQueue:
         return (
             self._ignore_epipe, self._maxsize, self._reader, self._writer,
             self._rlock, self._wlock, self._sem, self._opid, self._codec,
-            self._shm_threshold, self._token,
+            self._shm_threshold, self._fds,
         )
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         (
             self._ignore_epipe, self._maxsize, self._reader, self._writer,
             self._rlock, self._wlock, self._sem, self._opid, self._codec,
-            self._shm_threshold, self._token,
+            self._shm_threshold, self._fds,
         ) = state
         self._reset()
         register_after_fork(self, SignedQueue._after_fork)
@@ -224,35 +221,31 @@ class SignedQueue:
             if isinstance(record, _pipe.SegmentRef):
                 if record.size > self._codec.max_frame_size:
                     return self._load(record)  # type: ignore[no-any-return] # raises
-                frame = self._read_segment(record)
+                mapped = self._map_segment(record)
+                with mapped:
+                    frame = bytes(mapped)
             else:
-                frame = record
+                frame = bytes(record)
             self._codec.unseal(frame)
         except RejectedFrame:
             self._on_rejected()
             raise
-        return bytes(frame)
+        return frame
 
-    def _read_segment(self, record: _pipe.SegmentRef) -> bytearray:
-        """The whole frame a segment holds (the segment is unlinked)."""
-        fd = self._open_segment(record)
+    def _map_segment(self, record: _pipe.SegmentRef) -> Any:
+        """The sealed memory file of *record*, mapped privately (or refused)."""
         try:
-            frame = bytearray(record.size)
-            try:
-                _shm.read_into(fd)(memoryview(frame))
-            except _shm.SegmentError as exc:
-                raise self._codec._refused(MalformedFrame(str(exc)), record.record) from None
-            return frame
-        finally:
-            os.close(fd)
-
-    def _open_segment(self, record: _pipe.SegmentRef) -> int:
-        try:
-            return _shm.open_segment(self._token, record.name, record.size)
-        except _shm.SegmentError as exc:
+            if record.fd is None:
+                raise record.error or _shm.SegmentError("no memory file came with the record")
+            return _shm.map_sealed(record.fd, record.size)
+        except OSError as exc:
             raise self._codec._refused(
                 MalformedFrame(f"{exc}; the frame is lost"), record.record
             ) from None
+        finally:
+            if record.fd is not None:
+                os.close(record.fd)
+                record.fd = None
 
     def _get_record(
         self, block: bool, timeout: float | None
@@ -263,6 +256,8 @@ class SignedQueue:
         if block and timeout is None:
             with self._rlock:
                 record = _pipe.read_record(self._reader.fileno(), limit)
+                if type(record) is _pipe.SegmentRef:
+                    self._take_fd(record)
             self._release_slot()
             return record
         deadline = time.monotonic() + timeout if block and timeout is not None else 0.0
@@ -275,10 +270,25 @@ class SignedQueue:
             elif not self._poll():
                 raise Empty
             record = _pipe.read_record(self._reader.fileno(), limit)
+            if type(record) is _pipe.SegmentRef:
+                self._take_fd(record)
             self._release_slot()
         finally:
             self._rlock.release()
         return record
+
+    def _take_fd(self, record: _pipe.SegmentRef) -> None:
+        # Under the read lock: records and descriptors are taken in the
+        # order they were sent (both are sent under the write lock).
+        if self._fds is None:
+            record.error = _shm.SegmentError(
+                "a shared-memory record reached a queue that has no shared memory"
+            )
+            return
+        try:
+            record.fd = _shm.receive(self._fds[1], record.inode)
+        except OSError as exc:
+            record.error = exc
 
     def _release_slot(self) -> None:
         # A record that did not come through put() (written into the pipe by
@@ -306,28 +316,23 @@ class SignedQueue:
 
     def _load_segment(self, record: _pipe.SegmentRef) -> Any:
         codec = self._codec
-        fd = self._open_segment(record)
-        try:
-            fill = _shm.read_into(fd)
-            if record.size > codec.max_frame_size:
-                prefix = bytearray(min(record.size, KEPT_OF_OVERSIZED))
-                fill(memoryview(prefix))
-                exc = FrameTooLarge(
-                    f"frame of {record.size} bytes is over max_frame_size="
-                    f"{codec.max_frame_size}; its shared-memory segment was removed unread",
-                    size=record.size,
-                    limit=codec.max_frame_size,
-                )
-                raise codec._refused(exc, prefix)
-            try:
-                # Copied into private memory while it is hashed: what is
-                # verified is what is loaded, whatever is written to the
-                # segment meanwhile.
-                return codec._load_streamed(record.size, fill)
-            except _shm.SegmentError as exc:
-                raise codec._refused(MalformedFrame(str(exc)), record.record) from None
-        finally:
-            os.close(fd)
+        if record.size > codec.max_frame_size:
+            prefix = b""
+            if record.fd is not None:
+                prefix = os.pread(record.fd, KEPT_OF_OVERSIZED, 0)
+                os.close(record.fd)
+                record.fd = None
+            exc = FrameTooLarge(
+                f"frame of {record.size} bytes is over max_frame_size="
+                f"{codec.max_frame_size}; its shared memory was released unread",
+                size=record.size,
+                limit=codec.max_frame_size,
+            )
+            raise codec._refused(exc, prefix)
+        # Verified and loaded in place: the file is sealed, so the bytes
+        # verified are the bytes loaded; arrays loaded out of band view the
+        # private mapping, which lives as long as they do.
+        return codec.loads(self._map_segment(record))
 
     def _on_rejected(self) -> None:
         """Hook: a frame was refused at get()."""
@@ -380,7 +385,7 @@ class SignedQueue:
             args=(
                 self._buffer, self._notempty, self._writer.fileno(), self._wlock,
                 self._reader.close, self._writer.close, self._ignore_epipe, self._sem,
-                self._on_unsent, self._shm_threshold, self._token,
+                self._on_unsent, self._shm_threshold, self._fds,
             ),
             name="SignedQueueFeederThread",
             daemon=True,
@@ -420,7 +425,7 @@ class SignedQueue:
         queue_sem: Any,
         on_unsent: Callable[[], None],
         shm_threshold: int | None,
-        token: str,
+        fds: tuple[connection.Connection, connection.Connection] | None,
     ) -> None:
         popleft = buffer.popleft
         pack = _pipe.RECORD_HEADER.pack
@@ -461,16 +466,25 @@ class SignedQueue:
                         flush()
                         unsent = 1
                         size = frame.size if isinstance(frame, Sealing) else len(frame)
-                        if shm_threshold is not None and size >= shm_threshold:
+                        if fds is not None and shm_threshold is not None and (
+                            size >= shm_threshold
+                        ):
                             # Made outside the write lock: other producers'
                             # frames keep flowing while this one is copied.
-                            name = _shm.create(token, frame)
+                            memfd = _shm.create(frame)
                             try:
+                                inode = _shm.identity(memfd)
                                 with writelock:
-                                    _pipe.write_segment_ref(fd, size, name)
-                            except BaseException:
-                                _shm.remove(name)
-                                raise
+                                    try:
+                                        _shm.send(fds[0], memfd)
+                                    except OSError:
+                                        # The socket is full or the in-flight
+                                        # limit is reached: use the pipe.
+                                        _pipe.write_record(fd, frame)
+                                    else:
+                                        _pipe.write_segment_ref(fd, size, inode)
+                            finally:
+                                os.close(memfd)
                         else:
                             with writelock:
                                 _pipe.write_record(fd, frame)

@@ -6,19 +6,16 @@ whose tag is not computed yet.  The writer (a pipe, a shared-memory segment,
 or :meth:`Sealing.to_bytes`) hashes each chunk as it writes it, so the tag
 covers exactly the bytes that went out, and the pieces, which may be views of
 the caller's own buffers (pickle protocol 5 out-of-band data), are read once.
-:func:`verify_chunks` is the reading side: it fills a private buffer chunk by
-chunk and hashes each chunk while it is still in the CPU cache.
 """
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from ._mac import Mac, MacKey, new_mac
 
-__all__ = ["CHUNK", "Sealing", "chunks_of", "verify_chunks"]
+__all__ = ["CHUNK", "Sealing", "chunks_of"]
 
 #: Bytes hashed and moved at a time: small enough to stay in the CPU cache
 #: between the copy and the hash.
@@ -89,35 +86,3 @@ class Sealing:
             return b"".join(self.pieces)
         finally:
             self.pieces.pop()
-
-
-def verify_chunks(
-    mac: Mac,
-    target: memoryview,
-    start: int,
-    end: int,
-    fill: Callable[[memoryview], None],
-    context: bytes,
-) -> bytes:
-    """
-    Fill ``target[start:]`` with *fill* (which fills a view completely) chunk
-    by chunk, hashing ``target[start:end]`` as it arrives, and return the tag
-    over ``target[:end] || context`` (``target[:start]`` must already be in
-    *mac*).  ``target[end:]`` is the frame's tag, read but not hashed.
-    """
-    pos = start
-    while pos < end:
-        view = target[pos : min(pos + CHUNK, end)]
-        fill(view)
-        mac.update(view)
-        pos += len(view)
-    if len(target) > end:
-        fill(target[end:])
-    if context:
-        mac.update(context)
-    return mac.digest()
-
-
-def tags_equal(a: Buffer, b: Buffer) -> bool:
-    """Constant-time comparison of two tags."""
-    return hmac.compare_digest(a, b)

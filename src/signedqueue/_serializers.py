@@ -40,11 +40,13 @@ class Serializer:
     def dumps(self, obj: Any) -> tuple[bytes, int]:
         raise NotImplementedError
 
-    def dumps_oob(self, obj: Any) -> tuple[bytes, int, list[memoryview]]:
+    def dumps_oob(self, obj: Any) -> tuple[bytes | list[Buffer], int, list[memoryview]]:
         """
         ``dumps`` with large buffers left out of band where the serializer
         can (pickle protocol 5): (payload, param, buffers).  The buffers are
-        views of the object's own memory, not copies.
+        views of the object's own memory, not copies.  The payload may come
+        as a list of parts to be sent one after the other (a large top-level
+        ``bytes`` is then one of them, not copied).
         """
         payload, param = self.dumps(obj)
         return payload, param, []
@@ -57,6 +59,26 @@ class Serializer:
         self, payload: memoryview, param: int, buffers: list[memoryview] | None = None
     ) -> Any:
         raise NotImplementedError
+
+
+Buffer = bytes | bytearray | memoryview
+#: Top-level objects of these types, at least this large, are pickled as
+#: parts without copying them.
+_BLOBS = (bytes, bytearray, str)
+_BLOB_SIZE = 64 * 1024
+
+
+class _Parts:
+    """A write-only file that keeps what it is given, in order, uncopied."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self) -> None:
+        self.parts: list[Buffer] = []
+
+    def write(self, data: Buffer) -> int:
+        self.parts.append(data)
+        return len(data)
 
 
 class UnsupportedProtocol(Exception):
@@ -75,14 +97,27 @@ class _PickleFamily(Serializer):
     def _pickle(self, obj: Any, buffer_callback: Any) -> bytes:
         raise NotImplementedError
 
+    def _pickler(self, file: _Parts, buffer_callback: Any) -> pickle.Pickler:
+        return pickle.Pickler(
+            file, self.protocol, fix_imports=False, buffer_callback=buffer_callback
+        )
+
     def dumps(self, obj: Any) -> tuple[bytes, int]:
         return self._pickle(obj, None), self.protocol
 
-    def dumps_oob(self, obj: Any) -> tuple[bytes, int, list[memoryview]]:
+    def dumps_oob(self, obj: Any) -> tuple[bytes | list[Buffer], int, list[memoryview]]:
         if self.protocol < 5:
             return self._pickle(obj, None), self.protocol, []
         buffers: list[pickle.PickleBuffer] = []
-        payload = self._pickle(obj, buffers.append)
+        payload: bytes | list[Buffer]
+        if type(obj) in _BLOBS and len(obj) >= _BLOB_SIZE:
+            # The pickler hands a large bytes object to its file as it is:
+            # collect the writes instead of copying the blob into a pickle.
+            parts = _Parts()
+            self._pickler(parts, buffers.append).dump(obj)
+            payload = parts.parts
+        else:
+            payload = self._pickle(obj, buffers.append)
         if not buffers:
             return payload, self.protocol, []
         return payload, _frame.OUT_OF_BAND | 5, [b.raw() for b in buffers]

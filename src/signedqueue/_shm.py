@@ -1,89 +1,90 @@
 """
-Shared-memory segments for large frames (Linux ``/dev/shm``).
+Shared memory for large frames: sealed memfds passed over a socket (Linux).
 
 A frame at least ``shm_threshold`` bytes long is not pushed through the
-queue's pipe: the producer's feeder thread writes it into a new file in
-``/dev/shm`` (mode 0600), hashing each chunk as it goes, and sends only the
-segment's name and size through the pipe.  The consumer opens the segment,
-**unlinks it at once**, copies it into private memory chunk by chunk while
-hashing it (so what is verified is exactly what is loaded, whatever anyone
-writes into the segment meanwhile), and loads it like any other frame.  The
-tag covers the frame's bytes as they were in shared memory.
+queue's pipe.  The producer's feeder thread writes it into an anonymous
+memory file (``memfd_create``), hashing each chunk right after writing it,
+then **seals** the file against every write, shrink and grow
+(``F_SEAL_WRITE | F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL``): from then on
+its bytes cannot change, for anyone.  The file descriptor goes to the
+consumers over a socket beside the pipe (``SCM_RIGHTS``), and a small record
+naming it (size and inode) goes through the pipe in its place.
 
-No segment outlives its queue:
+The consumer takes the descriptor, checks that the file is sealed and of the
+announced size, maps it privately (copy on write, so loaded arrays are
+writable and nothing reaches the producer), verifies the tag over the mapped
+bytes and loads them without a copy.  Because the file is sealed, what is
+verified is what is loaded.
 
-* the consumer unlinks a segment before verifying it, so a refused, expired
-  or oversized frame leaves nothing behind;
-* a feeder that cannot announce a segment (the pipe closed) unlinks it;
-* segments whose frame was never taken (the queue was abandoned with items
-  in it, or a consumer died between reading the name and opening it) are
-  removed by the process that created the queue when it exits, after its
-  child processes have been joined (:func:`sweep`).
-
-Names are ``signedqueue-<queue token>-<pid>-<n>-<random>``; a consumer opens
-only names of its own queue's token, without blocking and never following a
-symlink, and takes only regular files owned by its own user.
+Nothing can leak and nothing can be named: the memory files have no path,
+an in-flight descriptor belongs to the socket, and the kernel frees every
+file when the last descriptor or mapping of it goes -- when the consumer
+drops the loaded object, or when the queue's processes exit, however they
+exit.  A descriptor whose record never came (its producer was killed between
+the two writes) is discarded by the next consumer that looks.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import itertools
+import fcntl
+import mmap
 import os
-import re
-import secrets
+import socket
 import stat
 import sys
-from collections.abc import Callable
+from multiprocessing.connection import Connection, Pipe
+from typing import Any
 
 from ._sealing import Sealing, chunks_of
 
-__all__ = ["SHM_DIR", "available", "create", "open_segment", "read_into", "sweep"]
+__all__ = ["SegmentError", "available", "create", "map_sealed", "receive", "send"]
 
-SHM_DIR = "/dev/shm"  # noqa: S108 - POSIX shared memory; files made O_EXCL, mode 0600
-PREFIX = "signedqueue-"
-_NAME_RE = re.compile(r"signedqueue-([0-9a-f]{16})-[0-9]{1,10}-[0-9]{1,20}-[0-9a-f]{8}\Z")
-#: Names tried before giving up when every one is taken (squatted).
-_ATTEMPTS = 8
-_counter = itertools.count()
+_SEALS_NEEDED = (
+    getattr(fcntl, "F_SEAL_WRITE", 0)
+    | getattr(fcntl, "F_SEAL_SHRINK", 0)
+    | getattr(fcntl, "F_SEAL_GROW", 0)
+)
 
 
 class SegmentError(OSError):
-    """A segment named in the pipe cannot be used."""
+    """A shared-memory frame announced in the pipe cannot be used."""
 
 
 def available() -> bool:
-    """True where segments can be made: Linux with a writable ``/dev/shm``."""
+    """True where frames can travel as sealed memory files (Linux)."""
     return (
         sys.platform.startswith("linux")
-        and os.path.isdir(SHM_DIR)
-        and os.access(SHM_DIR, os.W_OK | os.X_OK)
+        and hasattr(os, "memfd_create")
+        and hasattr(fcntl, "F_ADD_SEALS")
+        and hasattr(socket, "send_fds")
     )
 
 
-def _path(name: str) -> str:
-    return os.path.join(SHM_DIR, name)
+def channel() -> tuple[Connection, Connection]:
+    """
+    The socket pair descriptors travel over: (producers' end, consumers'
+    end), as connections, which pass to child processes like the queue's
+    pipe does.
+    """
+    return Pipe(duplex=True)
 
 
-def create(token: str, frame: Sealing | bytes | bytearray | memoryview) -> str:
+def _socket(conn: Connection) -> socket.socket:
+    # A socket object over the connection's descriptor, detached after use.
+    return socket.socket(fileno=conn.fileno())
+
+
+def create(frame: Sealing | bytes | bytearray | memoryview) -> int:
     """
-    Write *frame* into a new segment and return its name.  A
-    :class:`Sealing` is hashed as it is written; its tag is written last.
+    Write *frame* into a new sealed memory file and return its descriptor.
+    A :class:`Sealing` is hashed as it is written; its tag is written last.
     """
-    for attempt in range(_ATTEMPTS):
-        name = f"{PREFIX}{token}-{os.getpid()}-{next(_counter)}-{secrets.token_hex(4)}"
-        try:
-            fd = os.open(
-                _path(name),
-                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                0o600,
-            )
-            break
-        except FileExistsError:  # someone made a file of that name first
-            if attempt == _ATTEMPTS - 1:
-                raise
+    size = frame.size if isinstance(frame, Sealing) else len(frame)
+    fd = os.memfd_create(
+        "signedqueue-frame", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+    )
     try:
+        os.ftruncate(fd, size)
         pos = 0
 
         def write(view: memoryview) -> None:
@@ -98,84 +99,86 @@ def create(token: str, frame: Sealing | bytes | bytearray | memoryview) -> str:
         else:
             for view in chunks_of([memoryview(frame).cast("B")]):
                 write(view)
-    except BaseException:
-        os.close(fd)
-        remove(name)
-        raise
-    os.close(fd)
-    return name
-
-
-def remove(name: str) -> None:
-    """
-    Unlink a segment if it is still there; something else put in its place
-    goes too if it can (an empty directory, a symlink, a FIFO).
-    """
-    path = _path(name)
-    try:
-        os.unlink(path)
-    except IsADirectoryError:
-        with contextlib.suppress(OSError):
-            os.rmdir(path)
-    except OSError:  # gone already, or another user's (sticky /dev/shm)
-        pass
-
-
-def open_segment(token: str, name: str, size: int) -> int:
-    """
-    Open and unlink the segment *name* of the queue *token*, which must hold
-    exactly *size* bytes; return a file descriptor to read it from.
-    """
-    match = _NAME_RE.match(name)
-    if match is None or match.group(1) != token:
-        raise SegmentError(f"the pipe names a segment that is not this queue's: {name!r}")
-    try:
-        # O_NONBLOCK: a FIFO of that name must not block the consumer.
-        fd = os.open(
-            _path(name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
-        )
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # a symlink: remove the link itself
-            remove(name)
-        raise SegmentError(f"segment {name!r} cannot be opened ({exc.strerror})") from None
-    try:
-        st = os.fstat(fd)
-        remove(name)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
-            raise SegmentError(f"segment {name!r} is not a regular file of this user")
-        if st.st_size != size:
-            raise SegmentError(
-                f"segment {name!r} holds {st.st_size} bytes but the pipe says {size}"
-            )
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS_NEEDED | fcntl.F_SEAL_SEAL)
     except BaseException:
         os.close(fd)
         raise
     return fd
 
 
-def read_into(fd: int) -> Callable[[memoryview], None]:
-    """A fill function reading *fd* sequentially into the views it is given."""
-    pos = 0
-
-    def fill(view: memoryview) -> None:
-        nonlocal pos
-        while len(view):
-            n = os.preadv(fd, [view], pos)
-            if n == 0:
-                raise SegmentError("segment shorter than announced")
-            pos += n
-            view = view[n:]
-
-    return fill
+def identity(fd: int) -> int:
+    """The inode number that names a memory file in the pipe's record."""
+    return os.fstat(fd).st_ino
 
 
-def sweep(token: str) -> None:
-    """Remove every segment of the queue *token* that is still there."""
+def send(conn: Connection, fd: int) -> None:
+    """
+    Pass *fd* to the consumers' end without blocking.  Raises ``OSError``
+    (``BlockingIOError`` when the socket is full, ``ETOOMANYREFS`` past the
+    in-flight limit); the caller then sends the frame through the pipe.
+    """
+    sock = _socket(conn)
     try:
-        names = os.listdir(SHM_DIR)
+        socket.send_fds(sock, [b"\0"], [fd], socket.MSG_DONTWAIT)
+    finally:
+        sock.detach()
+
+
+def receive(conn: Connection, inode: int) -> int:
+    """
+    Take descriptors from the socket until the one of memory file *inode*;
+    earlier ones (orphans of a producer killed between its two writes) are
+    closed.  Raises :class:`SegmentError` if it is not there.
+    """
+    sock = _socket(conn)
+    try:
+        return _receive(sock, inode)
+    finally:
+        sock.detach()
+
+
+def _receive(sock: socket.socket, inode: int) -> int:
+    while True:
+        try:
+            _, fds, _, _ = socket.recv_fds(sock, 1, 1, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            raise SegmentError(
+                "the pipe announced a shared-memory frame that never arrived"
+            ) from None
+        if not fds:
+            raise SegmentError("the shared-memory channel carried no descriptor")
+        fd = fds[0]
+        for extra in fds[1:]:  # pragma: no cover - one per message
+            os.close(extra)
+        try:
+            found = os.fstat(fd).st_ino == inode
+        except OSError:  # pragma: no cover
+            found = False
+        if found:
+            return fd
+        os.close(fd)
+
+
+def map_sealed(fd: int, size: int) -> Any:
+    """
+    Map the sealed memory file *fd* of *size* bytes privately (writable,
+    copy on write).  Raises :class:`SegmentError` unless it is a regular
+    file of exactly that size, sealed against writing, shrinking and growing.
+    """
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise SegmentError("the shared-memory frame is not a memory file")
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
-        return
-    for name in names:
-        match = _NAME_RE.match(name)
-        if match is not None and match.group(1) == token:
-            remove(name)
+        seals = 0
+    if seals & _SEALS_NEEDED != _SEALS_NEEDED:
+        raise SegmentError(
+            "the shared-memory frame is not sealed against writes; it could change "
+            "after verification"
+        )
+    if st.st_size != size or size == 0:
+        raise SegmentError(
+            f"the shared-memory frame holds {st.st_size} bytes but the pipe says {size}"
+        )
+    return mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
