@@ -240,8 +240,9 @@ def test_bench_consumer_counts_what_arrives() -> None:
         queue.put(b"xyz")
     recv_end, send_end = ctx.Pipe(duplex=False)
     _bench._consumer(queue, "bytes-1mib", 2, ctx.Event(), send_end)
-    kind, _end, received, nbytes, bad = recv_end.recv()
+    kind, _end, received, nbytes, bad, peak = recv_end.recv()
     assert (kind, received, nbytes, bad) == ("consumer", 3, 6, 0)
+    assert isinstance(peak, int) and peak >= 0
     queue.close()
     queue.join_thread()
     with pytest.raises(_bench.BenchmarkError):

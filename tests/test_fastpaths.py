@@ -597,3 +597,12 @@ def test_plain_data_needs_one_frame_ending_at_stop() -> None:
     assert not plain_data(good[:-1])
     assert not plain_data(pickle.dumps({"a": 1}, 2))
     assert not plain_data(pickle.dumps({"k": "piece"}, 5))  # an "i" in the data
+
+
+def test_plain_data_checks_the_protocol_when_asked() -> None:
+    """A protocol 4 pickle is not taken for protocol 5 (the header's parameter)."""
+    from signedqueue._unpickler import plain_data
+
+    p4 = pickle.dumps([1, 2, 3], protocol=4)
+    assert plain_data(p4) and plain_data(p4, 4)
+    assert not plain_data(p4, 5)

@@ -240,6 +240,7 @@ def _payload_size(case: Case) -> int:
 def _producer(queue: Any, payload: str, count: int, ready: Any, go: Any,
               report: Connection, put_timeout: float | None = None) -> None:
     try:
+        base = _peak_rss()
         obj = _make_payload(payload)
         size = _size_of(obj)
         ready.set()
@@ -253,7 +254,7 @@ def _producer(queue: Any, payload: str, count: int, ready: Any, go: Any,
                 queue.put(obj, timeout=put_timeout)
         queue.close()
         queue.join_thread()
-        report.send(("producer", start, count, size * count))
+        report.send(("producer", start, count, size * count, _peak_rss() - base))
     except BaseException as exc:
         report.send(("error", f"producer: {type(exc).__name__}: {exc}"))
         raise
@@ -261,6 +262,7 @@ def _producer(queue: Any, payload: str, count: int, ready: Any, go: Any,
 
 def _consumer(queue: Any, payload: str, count: int, ready: Any, report: Connection) -> None:
     try:
+        base = _peak_rss()
         ready.set()
         received = 0
         nbytes = 0
@@ -281,7 +283,7 @@ def _consumer(queue: Any, payload: str, count: int, ready: Any, report: Connecti
                 extra += 1
         except Empty:
             pass
-        report.send(("consumer", end, received + extra, nbytes, bad))
+        report.send(("consumer", end, received + extra, nbytes, bad, _peak_rss() - base))
     except BaseException as exc:
         report.send(("error", f"consumer: {type(exc).__name__}: {exc}"))
         raise
@@ -360,13 +362,24 @@ def _run_queue(case: Case, variant: str, count: int, keyring: Keyring) -> dict[s
                 proc.terminate()
                 proc.join()
         recv_end.close()
-    _, start, sent, sent_bytes = messages["producer"]
-    _, end, received, received_bytes, bad = messages["consumer"]
+    _, start, sent, sent_bytes, producer_peak = messages["producer"]
+    _, end, received, received_bytes, bad, consumer_peak = messages["consumer"]
     check_delivery(sent, sent_bytes, received, received_bytes, bad)
     seconds = end - start
     return {"seconds": seconds, "sent": sent, "received": received,
             "sent_bytes": sent_bytes, "received_bytes": received_bytes,
-            "rate": _rate(case, count, sent_bytes, seconds)}
+            "rate": _rate(case, count, sent_bytes, seconds),
+            "producer_peak_rss": producer_peak, "consumer_peak_rss": consumer_peak}
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set size so far, in bytes (0 where unknown)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 # -- codec cases: in-process ----------------------------------------------
@@ -548,6 +561,14 @@ def run(out: TextIO, err: TextIO, *, quick: bool = False, trials: int | None = N
         med = {v: statistics.median(s["rate"] for s in samples[case.name][v])
                for v in plan[case.name]}
         ratios = {v: med[v] / med["plain"] for v in plan[case.name] if v != "plain"}
+        memory = {
+            v: {side: statistics.median(s[f"{side}_peak_rss"] for s in samples[case.name][v])
+                / _payload_size(case)
+                for side in ("producer", "consumer")}
+            for v in plan[case.name]
+            if case.kind == "queue" and _payload_size(case) >= 64 * MIB
+            and all("producer_peak_rss" in s for s in samples[case.name][v])
+        }
         results.append({
             "name": case.name, "kind": case.kind, "description": case.description,
             "unit": case.unit, "count": case.quick_count if quick else case.count,
@@ -555,6 +576,8 @@ def run(out: TextIO, err: TextIO, *, quick: bool = False, trials: int | None = N
             "variants": plan[case.name],
             "samples": samples[case.name], "median": med,
             "ratio": ratios["signed"], "ratios": ratios,
+            # Peak resident memory above each process's start, in payloads.
+            "peak_memory": memory,
         })
     _print_table(out, results, trials, quick, total)
     doc = {
@@ -619,6 +642,16 @@ def _print_table(out: TextIO, results: list[dict[str, Any]], trials: int, quick:
     if len(peer_rows) > 1:
         print(file=out)
         _table(out, peer_rows, left=2)
+    mem_rows: list[tuple[str, ...]] = [("case", "variant", "producer", "consumer")]
+    for r in results:
+        for variant, sides in r.get("peak_memory", {}).items():
+            mem_rows.append((r["name"], variant, f"{sides['producer']:.2f}x",
+                             f"{sides['consumer']:.2f}x"))
+    if len(mem_rows) > 1:
+        print(file=out)
+        print("peak resident memory above the process's start, in payloads (median):",
+              file=out)
+        _table(out, mem_rows, left=2)
     print(file=out)
     print("plain = multiprocessing.Queue (queue cases), pickle + hmac by hand (codec-*); "
           f'fast = mac="{FAST_MAC}"; ratios are medians divided by the plain median; '

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import pickle
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -34,7 +35,7 @@ from ._serializers import (
     UnsupportedProtocol,
     make_serializer,
 )
-from ._unpickler import BudgetExceeded, GlobalModified, GuardRefused
+from ._unpickler import BudgetExceeded, GlobalModified, GuardRefused, plain_data
 from .exceptions import (
     ExpiredFrame,
     ForbiddenClass,
@@ -246,6 +247,10 @@ class Codec:
         # largest frame the fast path of loads() takes.
         self._leads: dict[bytes, tuple[int, bytes, int, int, int]] = {}
         self._small_max = min(max_frame_size, _LARGE)
+        # The serializer parameter of in-band protocol 5 pickles that the
+        # restricted unpickler would load: pure data among them loads with
+        # pickle.loads (see _unpickler.plain_data).
+        self._plain_param = 5 if serializer == "pickle" and policy is not None else -1
         # Everything needed to rebuild this codec in a child process.
         self._options: dict[str, Any] = dict(
             serializer=serializer,
@@ -513,7 +518,13 @@ class Codec:
                         if age_ms >= -self._skew_ms and (
                             self._max_age_ms is None or age_ms <= self._max_age_ms
                         ):
-                            return self._deserialize(param, view[start:end], start)
+                            payload = view[start:end]
+                            if param == self._plain_param and plain_data(payload, param):
+                                try:
+                                    return pickle.loads(payload)
+                                except Exception:  # reported as _deserialize does
+                                    return self._deserialize(param, payload, start)
+                            return self._deserialize(param, payload, start)
             header, payload = self._open(view)
             return self._deserialize(header.param, payload, header.payload_start)
         except RejectedFrame as exc:

@@ -46,11 +46,13 @@ _F_SETPIPE_SZ = 1031  # Linux fcntl
 class Oversized:
     """A record longer than the reader's limit, drained without storing it."""
 
-    __slots__ = ("prefix", "size")
+    __slots__ = ("malformed", "prefix", "size")
 
-    def __init__(self, size: int, prefix: bytes) -> None:
+    def __init__(self, size: int, prefix: bytes, malformed: bool = False) -> None:
         self.size = size
         self.prefix = prefix
+        #: Not too large but not a record at all (a bad shared-memory record).
+        self.malformed = malformed
 
 
 class SegmentRef:
@@ -136,8 +138,8 @@ def read_record(fd: int, limit: int) -> bytearray | Oversized | SegmentRef:
     if size & SEGMENT:
         size &= ~SEGMENT
         if size != _SEGMENT_RECORD.size:
-            # Not one of ours: drain it and let the codec refuse its start.
-            return _drain(fd, size)
+            # Not one of ours: drained, and refused as malformed.
+            return _drain(fd, size, malformed=True)
         body = bytearray(size)
         _read_into(fd, memoryview(body))
         frame_size, inode = _SEGMENT_RECORD.unpack(body)
@@ -153,7 +155,7 @@ def read_record(fd: int, limit: int) -> bytearray | Oversized | SegmentRef:
     return buf
 
 
-def _drain(fd: int, size: int) -> Oversized:
+def _drain(fd: int, size: int, malformed: bool = False) -> Oversized:
     """Read and drop a *size*-byte record body, keeping only its start."""
     keep = bytearray(min(size, KEPT_OF_OVERSIZED))
     _read_into(fd, memoryview(keep))
@@ -163,4 +165,4 @@ def _drain(fd: int, size: int) -> Oversized:
         view = memoryview(chunk)[: min(left, len(chunk))]
         _read_into(fd, view)
         left -= len(view)
-    return Oversized(size, bytes(keep))
+    return Oversized(size, bytes(keep), malformed)

@@ -150,6 +150,8 @@ class SignedQueue:
         self._closed = False
         self._close: Finalize | None = None
         self._poll = self._reader.poll
+        self._rfd = self._reader.fileno()
+        self._limit = self._codec.max_frame_size
 
     @property
     def codec(self) -> Codec:
@@ -203,6 +205,23 @@ class SignedQueue:
         :class:`RejectedFrame` subclass if the next frame is refused (the
         frame is consumed; the next call returns the next item).
         """
+        if block and timeout is None and not self._closed:
+            # _get_record and _load, inlined for the common case.
+            with self._rlock:
+                record = _pipe.read_record(self._rfd, self._limit)
+                if type(record) is _pipe.SegmentRef:
+                    self._take_fd(record)
+            try:  # noqa: SIM105 - the hot path; contextlib.suppress costs a call
+                self._sem.release()
+            except ValueError:  # a record that held no slot (see _release_slot)
+                pass
+            if type(record) is bytearray:
+                try:
+                    return self._codec.loads(record)
+                except RejectedFrame:
+                    self._on_rejected()
+                    raise
+            return self._load(record)
         return self._load(self._get_record(block, timeout))
 
     def get_nowait(self) -> Any:
@@ -302,6 +321,14 @@ class SignedQueue:
             if isinstance(record, _pipe.SegmentRef):
                 return self._load_segment(record)
             if isinstance(record, _pipe.Oversized):
+                if record.malformed:
+                    raise self._codec._refused(
+                        MalformedFrame(
+                            f"a shared-memory record of {record.size} bytes (not 16); "
+                            "it was drained unread"
+                        ),
+                        record.prefix,
+                    )
                 exc = FrameTooLarge(
                     f"frame of {record.size} bytes is over max_frame_size="
                     f"{self._codec.max_frame_size}; it was drained unread",
@@ -319,9 +346,13 @@ class SignedQueue:
         if record.size > codec.max_frame_size:
             prefix = b""
             if record.fd is not None:
-                prefix = os.pread(record.fd, KEPT_OF_OVERSIZED, 0)
-                os.close(record.fd)
-                record.fd = None
+                try:
+                    prefix = os.pread(record.fd, KEPT_OF_OVERSIZED, 0)
+                except OSError:  # not a file: a pipe, a socket, a directory
+                    pass
+                finally:
+                    os.close(record.fd)
+                    record.fd = None
             exc = FrameTooLarge(
                 f"frame of {record.size} bytes is over max_frame_size="
                 f"{codec.max_frame_size}; its shared memory was released unread",

@@ -26,6 +26,7 @@ the two writes) is discarded by the next consumer that looks.
 
 from __future__ import annotations
 
+import array
 import fcntl
 import mmap
 import os
@@ -119,44 +120,89 @@ def send(conn: Connection, fd: int) -> None:
     """
     sock = _socket(conn)
     try:
-        socket.send_fds(sock, [b"\0"], [fd], socket.MSG_DONTWAIT)
+        # socket.send_fds would ignore the flags: call sendmsg itself.
+        sock.sendmsg(
+            [b"\0"],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))],
+            socket.MSG_DONTWAIT,
+        )
     finally:
         sock.detach()
 
 
 def receive(conn: Connection, inode: int) -> int:
     """
-    Take descriptors from the socket until the one of memory file *inode*;
-    earlier ones (orphans of a producer killed between its two writes) are
-    closed.  Raises :class:`SegmentError` if it is not there.
+    Take the descriptor of memory file *inode* from the socket, closing the
+    ones queued before it (orphans of a producer killed between its two
+    writes).  If it is not there, nothing is taken (the descriptors of the
+    frames behind a forged record stay for them) and :class:`SegmentError`
+    is raised.  Never blocks.  Call it under the queue's read lock.
     """
     sock = _socket(conn)
     try:
-        return _receive(sock, inode)
+        position = _find(sock, inode)
+        if position is None:
+            raise SegmentError(
+                "the pipe announced a shared-memory frame whose descriptor is not "
+                "in the socket"
+            )
+        for _ in range(position):
+            for fd in _take(sock, 0):
+                os.close(fd)
+        (fd, *extra) = _take(sock, 0) or [-1]
+        for other in extra:  # pragma: no cover - one per message
+            os.close(other)
+        if fd < 0:  # pragma: no cover - it was there a moment ago
+            raise SegmentError("the shared-memory descriptor vanished")
+        return fd
     finally:
         sock.detach()
 
 
-def _receive(sock: socket.socket, inode: int) -> int:
-    while True:
-        try:
-            _, fds, _, _ = socket.recv_fds(sock, 1, 1, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            raise SegmentError(
-                "the pipe announced a shared-memory frame that never arrived"
-            ) from None
-        if not fds:
-            raise SegmentError("the shared-memory channel carried no descriptor")
-        fd = fds[0]
-        for extra in fds[1:]:  # pragma: no cover - one per message
-            os.close(extra)
-        try:
-            found = os.fstat(fd).st_ino == inode
-        except OSError:  # pragma: no cover
+#: Messages looked at before a descriptor is declared missing.
+_MAX_SCAN = 1024
+_SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
+
+
+def _take(sock: socket.socket, flags: int) -> list[int]:
+    """The descriptors of the next one-byte message ([] if it has none)."""
+    try:
+        data, ancillary, _, _ = sock.recvmsg(
+            1,
+            socket.CMSG_SPACE(array.array("i").itemsize),
+            flags | socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC,
+        )
+    except BlockingIOError:
+        raise EOFError from None
+    if not data:
+        raise EOFError
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    return list(fds)
+
+
+def _find(sock: socket.socket, inode: int) -> int | None:
+    """How many messages precede the one carrying memory file *inode*."""
+    sock.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, 0)
+    try:
+        for position in range(_MAX_SCAN):
+            try:
+                fds = _take(sock, socket.MSG_PEEK)
+            except EOFError:
+                return None
             found = False
-        if found:
-            return fd
-        os.close(fd)
+            for fd in fds:  # peeked copies: close them all
+                try:
+                    found = found or os.fstat(fd).st_ino == inode
+                finally:
+                    os.close(fd)
+            if found:
+                return position
+        return None
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, _SO_PEEK_OFF, -1)
 
 
 def map_sealed(fd: int, size: int) -> Any:

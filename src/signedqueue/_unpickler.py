@@ -715,13 +715,14 @@ _STOP = ord(".")
 _FRAMED = struct.Struct("<2sBQ")  # PROTO n, FRAME, frame length
 
 
-def plain_data(payload: bytes | bytearray | memoryview) -> bool:
+def plain_data(payload: bytes | bytearray | memoryview, protocol: int | None = None) -> bool:
     """
     True if *payload* is one protocol 4+ frame, ending at its STOP, in which
     no byte has the value of a global-loading opcode: then no opcode of it
     loads a global, and plain ``pickle.loads`` can build nothing but builtin
     data, exactly as the restricted unpickler would.  Bytes of that value in
     the data (an ``"i"`` in a string) only send the payload the slow way.
+    With *protocol*, the pickle must also be of that protocol.
     """
     size = len(payload)
     if size < _FRAMED.size + 1 or payload[-1] != _STOP:
@@ -729,6 +730,7 @@ def plain_data(payload: bytes | bytearray | memoryview) -> bool:
     proto, op, length = _FRAMED.unpack_from(payload)
     return (
         proto[0] == 0x80
+        and (protocol is None or proto[1] == protocol)
         and op == 0x95
         and length == size - _FRAMED.size
         and _GLOBAL_OPCODES.search(payload) is None
