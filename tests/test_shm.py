@@ -354,13 +354,8 @@ def test_round_trip_between_processes(ring: Keyring, method: str, mac: str) -> N
     assert received[3][3:6] == (False, True, True)  # Fortran order, writable
 
 
-@pytest.mark.parametrize("mac", MACS)
-@pytest.mark.parametrize("cls", [SignedQueue, SignedJoinableQueue], ids=lambda c: c.__name__)
-def test_round_trip_in_process(
-    make_queue: Callable[..., SignedQueue], monkeypatch: pytest.MonkeyPatch,
-    mac: str, cls: type[SignedQueue],
-) -> None:
-    """Large items are made into memory files (one each), arrive equal and writable."""
+def spy_on_create(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the memory files _shm.create makes in this process, as it makes them."""
     created: list[int] = []
     create = _shm.create
 
@@ -370,6 +365,17 @@ def test_round_trip_in_process(
         return fd
 
     monkeypatch.setattr(_shm, "create", spy)
+    return created
+
+
+@pytest.mark.parametrize("mac", MACS)
+@pytest.mark.parametrize("cls", [SignedQueue, SignedJoinableQueue], ids=lambda c: c.__name__)
+def test_round_trip_in_process(
+    make_queue: Callable[..., SignedQueue], monkeypatch: pytest.MonkeyPatch,
+    mac: str, cls: type[SignedQueue],
+) -> None:
+    """Large items are made into memory files (one each), arrive equal and writable."""
+    created = spy_on_create(monkeypatch)
     q = make_queue(cls, mac=mac, allow=numpy_allow())
     for item in items():
         q.put(item)
@@ -389,15 +395,7 @@ def test_frames_below_the_threshold_go_through_the_pipe(
     make_queue: Callable[..., SignedQueue], ring: Keyring, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A frame of exactly shm_threshold bytes uses a memory file; one byte less, the pipe."""
-    created: list[int] = []
-    create = _shm.create
-
-    def spy(frame: Any) -> int:
-        fd = create(frame)
-        created.append(os.fstat(fd).st_size)
-        return fd
-
-    monkeypatch.setattr(_shm, "create", spy)
+    created = spy_on_create(monkeypatch)
     item = big_bytes()[: 300 * 1024]
     size = len(Codec(ring).dumps(item))
     at = make_queue(shm_threshold=size)
@@ -963,15 +961,7 @@ def test_get_frame_of_a_memory_file_relays_into_other_queues(
     mac: str,
 ) -> None:
     """get_frame() returns the verified frame; put_frame() relays it (shm and pipe) and it loads."""
-    created: list[int] = []
-    create = _shm.create
-
-    def spy(frame: Any) -> int:
-        fd = create(frame)
-        created.append(os.fstat(fd).st_size)
-        return fd
-
-    monkeypatch.setattr(_shm, "create", spy)
+    created = spy_on_create(monkeypatch)
     source = make_queue(mac=mac, allow=numpy_allow())
     sink = make_queue(mac=mac, allow=numpy_allow())
     piped = make_queue(mac=mac, allow=numpy_allow(), shm_threshold=None)
@@ -1015,19 +1005,11 @@ def test_a_pipe_frame_relayed_into_a_shm_queue_uses_a_memory_file(
     make_queue: Callable[..., SignedQueue], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A large frame taken from a pipe-only queue travels on as a memory file."""
-    created: list[int] = []
-    create = _shm.create
-
-    def spy(frame: Any) -> int:
-        fd = create(frame)
-        created.append(os.fstat(fd).st_size)
-        return fd
-
     piped = make_queue(shm_threshold=None)
     sink = make_queue()
     piped.put(big_bytes())
     frame = piped.get_frame(timeout=WAIT)
-    monkeypatch.setattr(_shm, "create", spy)
+    created = spy_on_create(monkeypatch)
     sink.put_frame(frame)
     assert sink.get(timeout=WAIT) == big_bytes()
     assert created == [len(frame)]
