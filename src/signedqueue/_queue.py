@@ -17,8 +17,10 @@ import collections
 import contextlib
 import errno
 import logging
+import math
 import multiprocessing
 import os
+import select
 import sys
 import threading
 import time
@@ -152,6 +154,13 @@ class SignedQueue:
         self._poll = self._reader.poll
         self._rfd = self._reader.fileno()
         self._limit = self._codec.max_frame_size
+        poller = select.poll()
+        poller.register(self._rfd, select.POLLIN)
+        self._poller = poller
+
+    def _readable(self, timeout: float) -> bool:
+        """True once the pipe has data (or was closed), within *timeout* seconds."""
+        return bool(self._poller.poll(math.ceil(timeout * 1000)))
 
     @property
     def codec(self) -> Codec:
@@ -222,7 +231,14 @@ class SignedQueue:
                     self._on_rejected()
                     raise
             return self._load(record)
-        return self._load(self._get_record(block, timeout))
+        record = self._get_record(block, timeout)
+        if type(record) is bytearray:
+            try:
+                return self._codec.loads(record)
+            except RejectedFrame:
+                self._on_rejected()
+                raise
+        return self._load(record)
 
     def get_nowait(self) -> Any:
         """``get(block=False)``."""
@@ -283,12 +299,9 @@ class SignedQueue:
         if not self._rlock.acquire(block, timeout):
             raise Empty
         try:
-            if block:
-                if not self._poll(max(deadline - time.monotonic(), 0.0)):
-                    raise Empty
-            elif not self._poll():
+            if not self._readable(max(deadline - time.monotonic(), 0.0) if block else 0.0):
                 raise Empty
-            record = _pipe.read_record(self._reader.fileno(), limit)
+            record = _pipe.read_record(self._rfd, limit)
             if type(record) is _pipe.SegmentRef:
                 self._take_fd(record)
             self._release_slot()
