@@ -30,6 +30,7 @@ from ._msgpack import InvalidFields, UnregisteredClass
 from ._scan import ScanError, pickle_globals
 from ._sealing import Sealing
 from ._serializers import (
+    _BLOBS,
     DEFAULT_PROTOCOL,
     Serializer,
     UnsupportedProtocol,
@@ -251,6 +252,9 @@ class Codec:
         # restricted unpickler would load: pure data among them loads with
         # pickle.loads (see _unpickler.plain_data).
         self._plain_param = 5 if serializer == "pickle" and policy is not None else -1
+        self._fast_dumps = (
+            serializer == "pickle" and protocol == 5 and self._alg == ALG_HMAC_SHA256
+        )
         # Everything needed to rebuild this codec in a child process.
         self._options: dict[str, Any] = dict(
             serializer=serializer,
@@ -329,10 +333,24 @@ class Codec:
         Serialization errors (an unpicklable object, a type msgpack cannot
         carry) propagate unchanged.
         """
-        payload, param, buffers = self._serializer.dumps_oob(obj)
-        if not buffers and not isinstance(payload, list):
+        if self._fast_dumps and not (type(obj) in _BLOBS and len(obj) >= _LARGE):
+            # The common case, inlined: a small in-band pickle under HMAC.
+            buffers: list[pickle.PickleBuffer] = []
+            pickled = pickle.dumps(obj, 5, fix_imports=False, buffer_callback=buffers.append)
+            if not buffers and len(pickled) < _LARGE:
+                key_id, key = self._keyring._signing(ALG_HMAC_SHA256)
+                body = (
+                    (self._prefixes.get((key_id, 5)) or self._prefix(key_id, 5))
+                    + _MID.pack(int(self._clock() * 1000), _frame.new_nonce(), len(pickled))
+                    + pickled
+                )
+                if len(body) + _frame.TAG_SIZE > self._max_frame_size:
+                    raise self._too_large(len(body) + _frame.TAG_SIZE)
+                return body + key.hmac(body, self._context)
+        payload, param, oob = self._serializer.dumps_oob(obj)
+        if not oob and not isinstance(payload, list):
             return self._seal(payload, param)
-        return self._sealing(payload, param, buffers).to_bytes()
+        return self._sealing(payload, param, oob).to_bytes()
 
     def _prepare(self, obj: Any) -> bytes | Sealing:
         """
