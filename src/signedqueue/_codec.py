@@ -67,6 +67,8 @@ _MAX_LISTED = 64
 
 Buffer = bytes | bytearray | memoryview
 _MID = _frame._MID
+#: bytes frames up to this size are sliced rather than viewed in loads().
+_SLICED = 4096
 
 
 class AuditModeWarning(UserWarning):
@@ -511,10 +513,15 @@ class Codec:
         deserialized before its tag has verified.
         """
         try:
-            view = memoryview(frame)
-            if view.itemsize != 1 or view.ndim != 1:
-                view = view.cast("B")  # e.g. a memoryview of an array of ints
-            size = view.nbytes
+            view: Any
+            if type(frame) is bytes and len(frame) <= _SLICED:
+                view = frame  # small: slicing bytes is cheaper than views
+                size = len(frame)
+            else:
+                view = memoryview(frame)
+                if view.itemsize != 1 or view.ndim != 1:
+                    view = view.cast("B")  # e.g. a memoryview of an array of ints
+                size = view.nbytes
             if _frame.MIN_FRAME_SIZE <= size <= self._small_max:
                 # The same checks in the same order, for a header whose
                 # constant part (up to the key id) an earlier frame passed.
@@ -524,7 +531,12 @@ class Codec:
                     created_ms, nonce, length = _MID.unpack_from(view, mid)
                     end = size - tag_size
                     start = mid + _frame.MID_SIZE
-                    key = self._keyring._mac_key(key_id, alg)
+                    ring = self._keyring
+                    key = (
+                        ring._state.mac_keys[alg].get(key_id)
+                        if ring._source is None
+                        else ring._mac_key(key_id, alg)
+                    )
                     if length == end - start and key is not None:
                         if alg == ALG_HMAC_SHA256:
                             expected = key.hmac(view[:end], self._context)
@@ -543,7 +555,7 @@ class Codec:
                                 except Exception:  # reported as _deserialize does
                                     return self._deserialize(param, payload, start)
                             return self._deserialize(param, payload, start)
-            header, payload = self._open(view)
+            header, payload = self._open(memoryview(frame))
             return self._deserialize(header.param, payload, header.payload_start)
         except RejectedFrame as exc:
             raise self._refused(exc, frame) from None
@@ -640,7 +652,7 @@ class Codec:
     def _deserialize(self, param: int, payload: memoryview, payload_start: int) -> Any:
         buffers = None
         if param & _frame.OUT_OF_BAND:
-            payload, buffers = _frame.split_buffers(payload, payload_start)
+            payload, buffers = _frame.split_buffers(memoryview(payload), payload_start)
             if payload.readonly:
                 # Arrays over a read-only frame (bytes) would be read-only,
                 # unlike arrays loaded from an ordinary pickle: copy them.
