@@ -628,3 +628,26 @@ def test_small_frames_load_alike_on_the_first_and_later_loads(ring: Keyring, mak
                 assert item == obj
         with pytest.raises(InvalidSignature):
             codec.loads(make(flip(frames[2], len(frames[2]) - 40)))
+
+
+def test_nonces_are_unique_in_a_process_and_across_a_fork(ring: Keyring) -> None:
+    """Every frame gets its own nonce; a forked child draws a new random half."""
+    import os
+
+    codec = Codec(ring)
+    nonces = [codec.verify(codec.dumps(i)).nonce for i in range(2000)]
+    nonces += [codec.verify(codec.dumps(b"x" * (1 << 17))).nonce for _ in range(3)]
+    assert len(set(nonces)) == len(nonces)
+    assert len({n[:8] for n in nonces}) == 1  # one process, one random half
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(write, codec.verify(codec.dumps(0)).nonce)
+        finally:
+            os._exit(0)
+    os.close(write)
+    child = os.read(read, 16)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert len(child) == 16 and child[:8] != nonces[0][:8] and child not in nonces

@@ -15,6 +15,7 @@ import hmac
 import logging
 import os
 import pickle
+import struct
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -36,7 +37,7 @@ from ._serializers import (
     UnsupportedProtocol,
     make_serializer,
 )
-from ._unpickler import BudgetExceeded, GlobalModified, GuardRefused, plain_data
+from ._unpickler import _GLOBAL_OPCODES, BudgetExceeded, GlobalModified, GuardRefused
 from .exceptions import (
     ExpiredFrame,
     ForbiddenClass,
@@ -67,8 +68,15 @@ _MAX_LISTED = 64
 
 Buffer = bytes | bytearray | memoryview
 _MID = _frame._MID
+_MID_COUNTED = _frame.MID_COUNTED
 #: bytes frames up to this size are sliced rather than viewed in loads().
 _SLICED = 4096
+#: A protocol 5 pickle in one frame: PROTO 5, FRAME; then its length, and STOP.
+_PLAIN_HEAD = b"\x80\x05\x95"
+_STOP = ord(".")
+_U64 = struct.Struct("<Q")
+#: Below this many bytes an HMAC is computed inline (hashlib keeps the GIL).
+_HMAC_INLINE = 2048
 
 
 class AuditModeWarning(UserWarning):
@@ -338,17 +346,33 @@ class Codec:
         if self._fast_dumps and not (type(obj) in _BLOBS and len(obj) >= _LARGE):
             # The common case, inlined: a small in-band pickle under HMAC.
             buffers: list[pickle.PickleBuffer] = []
-            pickled = pickle.dumps(obj, 5, fix_imports=False, buffer_callback=buffers.append)
+            pickled = pickle.dumps(obj, 5, buffer_callback=buffers.append)
             if not buffers and len(pickled) < _LARGE:
-                key_id, key = self._keyring._signing(ALG_HMAC_SHA256)
+                ring = self._keyring
+                if ring._source is None:
+                    state = ring._state
+                    key_id = state.active_id_bytes
+                    key = state.mac_keys[ALG_HMAC_SHA256][key_id]
+                else:
+                    key_id, key = ring._signing(ALG_HMAC_SHA256)
+                nonces = _frame.new_nonce
                 body = (
                     (self._prefixes.get((key_id, 5)) or self._prefix(key_id, 5))
-                    + _MID.pack(int(self._clock() * 1000), _frame.new_nonce(), len(pickled))
+                    + _MID_COUNTED.pack(
+                        int(self._clock() * 1000), nonces.prefix, next(nonces.counter),
+                        len(pickled),
+                    )
                     + pickled
                 )
                 if len(body) + _frame.TAG_SIZE > self._max_frame_size:
                     raise self._too_large(len(body) + _frame.TAG_SIZE)
-                return body + key.hmac(body, self._context)
+                if len(body) >= _HMAC_INLINE or self._context:
+                    return body + key.hmac(body, self._context)
+                inner = key._inner.copy()  # MacKey.hmac, inlined
+                inner.update(body)
+                outer = key._outer.copy()
+                outer.update(inner.digest())
+                return body + outer.digest()
         payload, param, oob = self._serializer.dumps_oob(obj)
         if not oob and not isinstance(payload, list):
             return self._seal(payload, param)
@@ -539,7 +563,14 @@ class Codec:
                     )
                     if length == end - start and key is not None:
                         if alg == ALG_HMAC_SHA256:
-                            expected = key.hmac(view[:end], self._context)
+                            if end < _HMAC_INLINE and not self._context:
+                                inner = key._inner.copy()  # MacKey.hmac, inlined
+                                inner.update(view[:end])
+                                outer = key._outer.copy()
+                                outer.update(inner.digest())
+                                expected = outer.digest()
+                            else:
+                                expected = key.hmac(view[:end], self._context)
                         else:
                             expected = one_shot(alg, key, nonce, view[:end], self._context)
                         if not hmac.compare_digest(expected, view[end:]):
@@ -549,7 +580,14 @@ class Codec:
                             self._max_age_ms is None or age_ms <= self._max_age_ms
                         ):
                             payload = view[start:end]
-                            if param == self._plain_param and plain_data(payload, param):
+                            if (
+                                param == self._plain_param
+                                # _unpickler.plain_data, inlined
+                                and payload[-1] == _STOP
+                                and payload[:3] == _PLAIN_HEAD
+                                and _U64.unpack_from(payload, 3)[0] == end - start - 11
+                                and _GLOBAL_OPCODES.search(payload) is None
+                            ):
                                 try:
                                     return pickle.loads(payload)
                                 except Exception:  # reported as _deserialize does
