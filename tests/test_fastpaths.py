@@ -651,3 +651,22 @@ def test_nonces_are_unique_in_a_process_and_across_a_fork(ring: Keyring) -> None
     os.close(read)
     os.waitpid(pid, 0)
     assert len(child) == 16 and child[:8] != nonces[0][:8] and child not in nonces
+
+
+@pytest.mark.parametrize("key_id", ["k", "k" * 13, "k" * 64])
+def test_truncated_frames_after_a_cached_header_are_refused(key_id: str) -> None:
+    """
+    Once a header's lead is cached, every truncation and extension of a frame
+    with that lead is still refused as a RejectedFrame, never another error.
+    """
+    ring = Keyring({key_id: b"s" * 32}, key_id)
+    codec = Codec(ring)
+    frame = codec.dumps({"a": 1})
+    assert codec.loads(frame) == {"a": 1}  # caches the lead
+    for cut in range(len(frame)):
+        for make in (bytes, bytearray):
+            with pytest.raises(RejectedFrame):
+                codec.loads(make(frame[:cut]))
+    with pytest.raises(RejectedFrame):
+        codec.loads(frame + b"\0")
+    assert codec.loads(frame) == {"a": 1}

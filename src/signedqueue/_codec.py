@@ -69,6 +69,11 @@ _MAX_LISTED = 64
 Buffer = bytes | bytearray | memoryview
 _MID = _frame._MID
 _MID_COUNTED = _frame.MID_COUNTED
+#: By key id length: a header as (lead up to the key id, created, nonce,
+#: payload length), in one unpack.
+_HEADS = [
+    struct.Struct(f">{_frame.LEAD_SIZE + n}sQ16sQ") for n in range(256)
+]
 #: bytes frames up to this size are sliced rather than viewed in loads().
 _SLICED = 4096
 #: A protocol 5 pickle in one frame: PROTO 5, FRAME; then its length, and STOP.
@@ -546,13 +551,16 @@ class Codec:
                 if view.itemsize != 1 or view.ndim != 1:
                     view = view.cast("B")  # e.g. a memoryview of an array of ints
                 size = view.nbytes
-            if _frame.MIN_FRAME_SIZE <= size <= self._small_max:
+            if (
+                _frame.MIN_FRAME_SIZE <= size <= self._small_max
+                and size >= _HEADS[view[6]].size + _frame.MIN_TAG_SIZE
+            ):
                 # The same checks in the same order, for a header whose
                 # constant part (up to the key id) an earlier frame passed.
-                known = self._leads.get(bytes(view[: _frame.LEAD_SIZE + view[6]]))
+                lead, created_ms, nonce, length = _HEADS[view[6]].unpack_from(view)
+                known = self._leads.get(lead)
                 if known is not None:
                     alg, key_id, mid, tag_size, param = known
-                    created_ms, nonce, length = _MID.unpack_from(view, mid)
                     end = size - tag_size
                     start = mid + _frame.MID_SIZE
                     ring = self._keyring
