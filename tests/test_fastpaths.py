@@ -670,3 +670,13 @@ def test_truncated_frames_after_a_cached_header_are_refused(key_id: str) -> None
     with pytest.raises(RejectedFrame):
         codec.loads(frame + b"\0")
     assert codec.loads(frame) == {"a": 1}
+
+
+@pytest.mark.parametrize("payload", [b"", b"\x80", b"\x80\x05", b".", b"\x80\x05\x95" + bytes(8)])
+def test_tiny_signed_payloads_are_refused_on_the_cached_path(ring: Keyring, payload: bytes) -> None:
+    """Validly signed payloads too short to be a pickle are refused, first load or later."""
+    codec = Codec(ring)
+    assert codec.loads(codec.dumps(1)) == 1  # caches the header lead for param 5
+    for _ in range(2):
+        with pytest.raises(MalformedFrame):
+            codec.loads(codec._seal(payload, 5))

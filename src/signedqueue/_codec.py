@@ -79,6 +79,7 @@ _SLICED = 4096
 #: A protocol 5 pickle in one frame: PROTO 5, FRAME; then its length, and STOP.
 _PLAIN_HEAD = b"\x80\x05\x95"
 _STOP = ord(".")
+_PLAIN_MIN = 11  # PROTO 5, FRAME and its length: a pickle is longer
 _U64 = struct.Struct("<Q")
 #: Below this many bytes an HMAC is computed inline (hashlib keeps the GIL).
 _HMAC_INLINE = 2048
@@ -591,6 +592,7 @@ class Codec:
                             if (
                                 param == self._plain_param
                                 # _unpickler.plain_data, inlined
+                                and end - start > _PLAIN_MIN
                                 and payload[-1] == _STOP
                                 and payload[:3] == _PLAIN_HEAD
                                 and _U64.unpack_from(payload, 3)[0] == end - start - 11
