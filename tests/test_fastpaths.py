@@ -9,12 +9,16 @@ and the legitimate use next to it works.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import hmac
 import json
 import mmap
+import os
 import pickle
+import queue
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,7 +36,9 @@ from signedqueue import (
     Keyring,
     MalformedFrame,
     RejectedFrame,
+    SignedQueue,
     _frame,
+    _shm,
 )
 
 NUMPY = Allowlist(presets=["stdlib", "numpy"])
@@ -632,8 +638,6 @@ def test_small_frames_load_alike_on_the_first_and_later_loads(ring: Keyring, mak
 
 def test_nonces_are_unique_in_a_process_and_across_a_fork(ring: Keyring) -> None:
     """Every frame gets its own nonce; a forked child draws a new random half."""
-    import os
-
     codec = Codec(ring)
     nonces = [codec.verify(codec.dumps(i)).nonce for i in range(2000)]
     nonces += [codec.verify(codec.dumps(b"x" * (1 << 17))).nonce for _ in range(3)]
@@ -680,3 +684,80 @@ def test_tiny_signed_payloads_are_refused_on_the_cached_path(ring: Keyring, payl
     for _ in range(2):
         with pytest.raises(MalformedFrame):
             codec.loads(codec._seal(payload, 5))
+
+
+def test_many_out_of_band_buffers_make_frames_the_consumer_can_load(ring: Keyring) -> None:
+    """
+    dumps() lays out any number of out-of-band buffers, but split_buffers()
+    refuses more than MAX_BUFFERS (65536): a producer's put() succeeds and
+    every consumer refuses the frame (MalformedFrame).  A list of 70,000
+    small numpy arrays does the same.
+    """
+    codec = Codec(ring)
+    obj = [pickle.PickleBuffer(bytearray([i % 256])) for i in range(70_000)]
+    frame = codec.dumps(obj)
+    loaded = codec.loads(frame)
+    assert len(loaded) == 70_000
+
+
+def test_put_of_a_large_bytearray_does_not_lock_it_against_resizing(ring: Keyring) -> None:
+    """
+    A top-level bytearray >= 64 KiB is kept (via _Parts and a memoryview in
+    the Sealing) until the feeder writes it; meanwhile the caller's own
+    bytearray cannot be resized.  multiprocessing.Queue has no such effect.
+    """
+    q = SignedQueue(ring, shm_threshold=None)
+    data = bytearray(200_000)
+    q._wlock.acquire()  # the feeder is busy (another producer holds the pipe)
+    try:
+        q.put(data)
+        time.sleep(0.2)
+        data.append(1)  # BufferError: Existing exports of data
+    finally:
+        q._wlock.release()
+        q.get(timeout=10)
+        q.close()
+        q.join_thread()
+
+
+@pytest.mark.skipif(not _shm.available(), reason="needs memfd_create")
+def test_a_frame_that_cannot_get_a_memory_file_goes_through_the_pipe(
+    ring: Keyring, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    When sendmsg fails the feeder falls back to the pipe, but when
+    memfd_create/ftruncate/pwrite fail (EMFILE, ENOSPC or ENOMEM on a full
+    tmpfs / memory cgroup) the frame is dropped and logged, though the pipe
+    could carry it.
+    """
+
+    def no_memfd(*args: object, **kw: object) -> int:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "memfd_create", no_memfd)
+    q = SignedQueue(ring)
+    try:
+        q.put(b"x" * (2 << 20))
+        try:
+            got = q.get(timeout=5)
+        except queue.Empty:
+            pytest.fail("the frame was dropped instead of sent through the pipe")
+        assert len(got) == 2 << 20
+    finally:
+        q.close()
+        q.join_thread()
+
+
+def test_gmac_nonces_are_fully_random(ring: Keyring) -> None:
+    """GMAC frames take 16 random bytes each (its security rests on them never repeating)."""
+    codec = Codec(ring, mac="aes256-gmac")
+    nonces = [codec.verify(codec.dumps(i)).nonce for i in range(50)]
+    assert len({n[:8] for n in nonces}) == 50 and len({n[8:] for n in nonces}) == 50
+
+
+@pytest.mark.parametrize("protocol", [0, 1])
+def test_large_text_protocol_payloads_load(ring: Keyring, protocol: int) -> None:
+    """Payloads of 64 KiB and more are read in place, text opcodes (readline) included."""
+    codec = Codec(ring, protocol=protocol)
+    obj = {"s": "x" * 200_000, "n": list(range(2000))}
+    assert codec.loads(codec.dumps(obj)) == obj

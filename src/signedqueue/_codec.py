@@ -101,7 +101,7 @@ class FrameInfo:
     serializer: str
     #: The serializer parameter: the pickle protocol, 0 for msgpack.
     param: int
-    #: The frame's 16 random bytes.
+    #: The frame's 16-byte nonce (unique per frame; see the wire format).
     nonce: bytes
     #: Payload size in bytes.
     payload_size: int
@@ -353,32 +353,38 @@ class Codec:
             # The common case, inlined: a small in-band pickle under HMAC.
             buffers: list[pickle.PickleBuffer] = []
             pickled = pickle.dumps(obj, 5, buffer_callback=buffers.append)
-            if not buffers and len(pickled) < _LARGE:
-                ring = self._keyring
-                if ring._source is None:
-                    state = ring._state
-                    key_id = state.active_id_bytes
-                    key = state.mac_keys[ALG_HMAC_SHA256][key_id]
-                else:
-                    key_id, key = ring._signing(ALG_HMAC_SHA256)
-                nonces = _frame.new_nonce
-                body = (
-                    (self._prefixes.get((key_id, 5)) or self._prefix(key_id, 5))
-                    + _MID_COUNTED.pack(
-                        int(self._clock() * 1000), nonces.prefix, next(nonces.counter),
-                        len(pickled),
-                    )
-                    + pickled
+            if buffers or len(pickled) >= _LARGE:  # the general way, same pickle
+                payload, param, oob = self._serializer.with_buffers(  # type: ignore[attr-defined]
+                    obj, pickled, buffers
                 )
-                if len(body) + _frame.TAG_SIZE > self._max_frame_size:
-                    raise self._too_large(len(body) + _frame.TAG_SIZE)
-                if len(body) >= _HMAC_INLINE or self._context:
-                    return body + key.hmac(body, self._context)
-                inner = key._inner.copy()  # MacKey.hmac, inlined
-                inner.update(body)
-                outer = key._outer.copy()
-                outer.update(inner.digest())
-                return body + outer.digest()
+                if not oob:
+                    return self._seal(payload, param)
+                return self._sealing(payload, param, oob).to_bytes()
+            ring = self._keyring
+            if ring._source is None:
+                state = ring._state
+                key_id = state.active_id_bytes
+                key = state.mac_keys[ALG_HMAC_SHA256][key_id]
+            else:
+                key_id, key = ring._signing(ALG_HMAC_SHA256)
+            nonces = _frame.new_nonce
+            body = (
+                (self._prefixes.get((key_id, 5)) or self._prefix(key_id, 5))
+                + _MID_COUNTED.pack(
+                    int(self._clock() * 1000), nonces.prefix, next(nonces.counter),
+                    len(pickled),
+                )
+                + pickled
+            )
+            if len(body) + _frame.TAG_SIZE > self._max_frame_size:
+                raise self._too_large(len(body) + _frame.TAG_SIZE)
+            if len(body) >= _HMAC_INLINE or self._context:
+                return body + key.hmac(body, self._context)
+            inner = key._inner.copy()  # MacKey.hmac, inlined
+            inner.update(body)
+            outer = key._outer.copy()
+            outer.update(inner.digest())
+            return body + outer.digest()
         payload, param, oob = self._serializer.dumps_oob(obj)
         if not oob and not isinstance(payload, list):
             return self._seal(payload, param)
@@ -393,6 +399,15 @@ class Codec:
         if not buffers and not isinstance(payload, list) and len(payload) < _LARGE:
             return self._seal(payload, param)
         return self._sealing(payload, param, buffers)
+
+    def _new_nonce(self) -> bytes:
+        # GMAC's security rests on nonces never repeating under one key:
+        # 16 random bytes.  HMAC needs them only unique enough to tell
+        # frames apart: a per-process random half and a counter, made
+        # without a system call (see _frame.new_nonce).
+        if self._alg == ALG_HMAC_SHA256:
+            return _frame.new_nonce()
+        return os.urandom(_frame.NONCE_SIZE)
 
     def _prefix(self, key_id: bytes, param: int) -> bytes:
         prefix = self._prefixes.get((key_id, param))
@@ -420,7 +435,7 @@ class Codec:
     ) -> Sealing:
         key_id, key = self._keyring._signing(self._alg)
         prefix = self._prefix(key_id, param)
-        nonce = _frame.new_nonce() if nonce is None else nonce
+        nonce = self._new_nonce() if nonce is None else nonce
         created = int(self._clock() * 1000) if created_ms is None else created_ms
         parts = payload if isinstance(payload, list) else [payload]
         pickle_size = sum(len(p) for p in parts)
@@ -467,7 +482,7 @@ class Codec:
         key_id, key = self._keyring._signing(alg)
         prefix = self._prefixes.get((key_id, param)) or self._prefix(key_id, param)
         if nonce is None:
-            nonce = _frame.new_nonce()
+            nonce = self._new_nonce()
         header = prefix + _MID.pack(
             int(self._clock() * 1000) if created_ms is None else created_ms, nonce, size
         )

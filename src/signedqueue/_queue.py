@@ -515,20 +515,27 @@ class SignedQueue:
                         ):
                             # Made outside the write lock: other producers'
                             # frames keep flowing while this one is copied.
-                            memfd = _shm.create(frame)
                             try:
-                                inode = _shm.identity(memfd)
+                                memfd = _shm.create(frame)
+                            except OSError:  # no memory file (limits, memory)
+                                memfd = -1
+                            try:
                                 with writelock:
                                     try:
+                                        if memfd < 0:
+                                            raise OSError("no memory file")
+                                        inode = _shm.identity(memfd)
                                         _shm.send(fds[0], memfd)
                                     except OSError:
-                                        # The socket is full or the in-flight
-                                        # limit is reached: use the pipe.
+                                        # No memory file, the socket is full
+                                        # or the in-flight limit is reached:
+                                        # the frame goes through the pipe.
                                         _pipe.write_record(fd, frame)
                                     else:
                                         _pipe.write_segment_ref(fd, size, inode)
                             finally:
-                                os.close(memfd)
+                                if memfd >= 0:
+                                    os.close(memfd)
                         else:
                             with writelock:
                                 _pipe.write_record(fd, frame)
@@ -545,7 +552,10 @@ class SignedQueue:
                 lost, unsent = max(unsent, 1), 0
                 batch.clear()
                 for _ in range(lost):
-                    queue_sem.release()
+                    # (A slot may already be free: a forged record read by
+                    # get() releases one it never took.)
+                    with contextlib.suppress(ValueError):
+                        queue_sem.release()
                     on_unsent()
                 logger.error(
                     "signedqueue: feeder thread could not write %d frame(s): %r", lost, exc

@@ -64,7 +64,8 @@ class Serializer:
 Buffer = bytes | bytearray | memoryview
 #: Top-level objects of these types, at least this large, are pickled as
 #: parts without copying them.
-_BLOBS = (bytes, bytearray, str)
+#: (Not bytearray: the caller could not resize it until the frame is written.)
+_BLOBS = (bytes, str)
 _BLOB_SIZE = 64 * 1024
 
 
@@ -118,8 +119,17 @@ class _PickleFamily(Serializer):
             payload = parts.parts
         else:
             payload = self._pickle(obj, buffers.append)
+        return self.with_buffers(obj, payload, buffers)
+
+    def with_buffers(
+        self, obj: Any, payload: bytes | list[Buffer], buffers: list[pickle.PickleBuffer]
+    ) -> tuple[bytes | list[Buffer], int, list[memoryview]]:
+        """The result of dumps_oob for a pickle of *obj* and its buffers."""
         if not buffers:
             return payload, self.protocol, []
+        if len(buffers) > _frame.MAX_BUFFERS:
+            # More buffers than a frame may lay out: all of them in band.
+            return self._pickle(obj, None), self.protocol, []
         return payload, _frame.OUT_OF_BAND | 5, [b.raw() for b in buffers]
 
     def param_for(self, payload: bytes | bytearray | memoryview) -> int:

@@ -744,11 +744,12 @@ class _ViewReader:
     bytes object straight into its result with ``readinto``.
     """
 
-    __slots__ = ("_pos", "_view")
+    __slots__ = ("_pos", "_text", "_view")
 
     def __init__(self, payload: bytes | bytearray | memoryview) -> None:
         self._view = memoryview(payload).cast("B")
         self._pos = 0
+        self._text: bytes | None = None
 
     def read(self, n: int = -1) -> bytes:
         start = self._pos
@@ -765,14 +766,14 @@ class _ViewReader:
         return n
 
     def readline(self) -> bytes:
+        # Text opcodes (protocols 0 and 1) only: search a bytes copy, made once.
+        if self._text is None:
+            self._text = bytes(self._view)
         start = self._pos
-        view = self._view
-        end = start
-        while end < len(view) and view[end] != 0x0A:
-            end += 1
-        end = min(end + 1, len(view))
+        end = self._text.find(b"\n", start)
+        end = len(self._text) if end < 0 else end + 1
         self._pos = end
-        return bytes(view[start:end])
+        return self._text[start:end]
 
     def tell(self) -> int:
         return self._pos
