@@ -15,6 +15,7 @@ import hmac
 import logging
 import os
 import pickle
+import re
 import struct
 import time
 import warnings
@@ -76,10 +77,11 @@ _HEADS = [
 ]
 #: bytes frames up to this size are sliced rather than viewed in loads().
 _SLICED = 4096
-#: A protocol 5 pickle in one frame: PROTO 5, FRAME; then its length, and STOP.
-_PLAIN_HEAD = b"\x80\x05\x95"
-_STOP = ord(".")
-_PLAIN_MIN = 11  # PROTO 5, FRAME and its length: a pickle is longer
+#: _unpickler.plain_data as one match: PROTO 5, FRAME and its 8-byte length,
+#: then no byte with the value of a global-loading opcode up to the final STOP.
+_PLAIN = re.compile(
+    rb"\x80\x05\x95(.{8})[^" + _GLOBAL_OPCODES.pattern[1:-1] + rb"]*\.", re.DOTALL
+)
 _U64 = struct.Struct("<Q")
 #: Below this many bytes an HMAC is computed inline (hashlib keeps the GIL).
 _HMAC_INLINE = 2048
@@ -604,14 +606,13 @@ class Codec:
                             self._max_age_ms is None or age_ms <= self._max_age_ms
                         ):
                             payload = view[start:end]
-                            if (
-                                param == self._plain_param
-                                # _unpickler.plain_data, inlined
-                                and end - start > _PLAIN_MIN
-                                and payload[-1] == _STOP
-                                and payload[:3] == _PLAIN_HEAD
-                                and _U64.unpack_from(payload, 3)[0] == end - start - 11
-                                and _GLOBAL_OPCODES.search(payload) is None
+                            plain = (
+                                _PLAIN.fullmatch(payload)  # _unpickler.plain_data
+                                if param == self._plain_param
+                                else None
+                            )
+                            if plain is not None and (
+                                _U64.unpack(plain[1])[0] == end - start - 11
                             ):
                                 try:
                                     return pickle.loads(payload)
