@@ -761,3 +761,24 @@ def test_large_text_protocol_payloads_load(ring: Keyring, protocol: int) -> None
     codec = Codec(ring, protocol=protocol)
     obj = {"s": "x" * 200_000, "n": list(range(2000))}
     assert codec.loads(codec.dumps(obj)) == obj
+
+
+@pytest.mark.parametrize("size", [0, 2047, 2048, 65535, 65536, (1 << 20) - 1, 1 << 20,
+                                  (1 << 20) + 7, 3 * (1 << 20) + 1])
+@pytest.mark.parametrize("context", [b"", b"ctx"])
+def test_mac_key_hmac_is_hmac_sha256_at_every_size(size: int, context: bytes) -> None:
+    """MacKey.hmac (pads hashed once, small inputs in pieces, large ones through a
+    scratch buffer) equals hmac.digest over data || context, from bytes and views."""
+    from signedqueue._mac import MacKey
+
+    key = os.urandom(32)
+    data = os.urandom(size)
+    expected = hmac.digest(key, data + context, "sha256")
+    mac_key = MacKey(key)
+    assert mac_key.hmac(data, context) == expected
+    assert mac_key.hmac(memoryview(data), context) == expected
+    assert mac_key.hmac(bytearray(data), context) == expected
+    incremental = mac_key.new()
+    incremental.update(data)
+    incremental.update(context)
+    assert incremental.digest() == expected

@@ -45,6 +45,9 @@ _IV_SIZE = 12
 _GIL_FREE = 2048
 #: Up to this size a tag is computed without releasing the GIL.
 _HOLD_GIL_BELOW = 64 * 1024
+#: From this size a buffer is hashed through a scratch buffer of _SCRATCH.
+_THROUGH_SCRATCH = 1024 * 1024
+_SCRATCH = 256 * 1024
 
 
 class Mac(Protocol):
@@ -85,6 +88,16 @@ class MacKey:
             view = memoryview(data)
             for start in range(0, size, _GIL_FREE - 1):
                 inner.update(view[start : start + _GIL_FREE - 1])
+        elif size >= _THROUGH_SCRATCH:
+            # Hashing a large buffer straight from memory runs at about 2/3
+            # of the speed of copying it through a small cache-resident
+            # buffer and hashing that: same bytes, same tag, less time.
+            view = memoryview(data).cast("B")
+            scratch = memoryview(bytearray(_SCRATCH))
+            for start in range(0, size, _SCRATCH):
+                piece = scratch[: min(_SCRATCH, size - start)]
+                piece[:] = view[start : start + len(piece)]
+                inner.update(piece)
         else:
             inner.update(data)
         if context:
