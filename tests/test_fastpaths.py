@@ -782,3 +782,18 @@ def test_mac_key_hmac_is_hmac_sha256_at_every_size(size: int, context: bytes) ->
     incremental.update(data)
     incremental.update(context)
     assert incremental.digest() == expected
+
+
+def test_the_inlined_dumps_follows_the_active_key() -> None:
+    """After a promotion the next frame names and is signed by the new active key."""
+    ring = Keyring({"old": b"o" * 32, "new": b"n" * 32}, "old")
+    codec = Codec(ring)
+    first = codec.dumps({"a": 1})
+    ring.promote("new")
+    second = codec.dumps({"a": 1})
+    assert codec.verify(first).key_id == "old"
+    assert codec.verify(second).key_id == "new"
+    only_new = Codec(Keyring({"new": b"n" * 32}, "new"))
+    assert only_new.loads(second) == {"a": 1}
+    with pytest.raises(RejectedFrame):
+        only_new.loads(first)

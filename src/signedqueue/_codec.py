@@ -270,6 +270,8 @@ class Codec:
         # restricted unpickler would load: pure data among them loads with
         # pickle.loads (see _unpickler.plain_data).
         self._plain_param = 5 if serializer == "pickle" and policy is not None else -1
+        # The active key id and its header prefix, for the inlined dumps.
+        self._fast_prefix: tuple[bytes | None, bytes] = (None, b"")
         self._fast_dumps = (
             serializer == "pickle" and protocol == 5 and self._alg == ALG_HMAC_SHA256
         )
@@ -370,8 +372,11 @@ class Codec:
             else:
                 key_id, key = ring._signing(ALG_HMAC_SHA256)
             nonces = _frame.new_nonce
+            prefix = self._fast_prefix
+            if prefix[0] is not key_id:  # the active key changed
+                prefix = self._fast_prefix = (key_id, self._prefix(key_id, 5))
             body = (
-                (self._prefixes.get((key_id, 5)) or self._prefix(key_id, 5))
+                prefix[1]
                 + _MID_COUNTED.pack(
                     int(self._clock() * 1000), nonces.prefix, next(nonces.counter),
                     len(pickled),
@@ -569,13 +574,12 @@ class Codec:
                 if view.itemsize != 1 or view.ndim != 1:
                     view = view.cast("B")  # e.g. a memoryview of an array of ints
                 size = view.nbytes
-            if (
-                _frame.MIN_FRAME_SIZE <= size <= self._small_max
-                and size >= _HEADS[view[6]].size + _frame.MIN_TAG_SIZE
+            if _frame.MIN_FRAME_SIZE <= size <= self._small_max and (
+                size >= (head := _HEADS[view[6]]).size + _frame.MIN_TAG_SIZE
             ):
                 # The same checks in the same order, for a header whose
                 # constant part (up to the key id) an earlier frame passed.
-                lead, created_ms, nonce, length = _HEADS[view[6]].unpack_from(view)
+                lead, created_ms, nonce, length = head.unpack_from(view)
                 known = self._leads.get(lead)
                 if known is not None:
                     alg, key_id, mid, tag_size, param = known
