@@ -45,8 +45,9 @@ _IV_SIZE = 12
 _GIL_FREE = 2048
 #: Up to this size a tag is computed without releasing the GIL.
 _HOLD_GIL_BELOW = 64 * 1024
-#: From this size a buffer is hashed through a scratch buffer of _SCRATCH.
-_THROUGH_SCRATCH = 1024 * 1024
+#: From this size (larger than CPU caches) a buffer is hashed through a
+#: scratch buffer of _SCRATCH.
+_THROUGH_SCRATCH = 16 * 1024 * 1024
 _SCRATCH = 256 * 1024
 
 
