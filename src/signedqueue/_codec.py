@@ -15,7 +15,6 @@ import hmac
 import logging
 import os
 import pickle
-import re
 import struct
 import time
 import warnings
@@ -32,13 +31,12 @@ from ._msgpack import InvalidFields, UnregisteredClass
 from ._scan import ScanError, pickle_globals
 from ._sealing import Sealing
 from ._serializers import (
-    _BLOBS,
     DEFAULT_PROTOCOL,
     Serializer,
     UnsupportedProtocol,
     make_serializer,
 )
-from ._unpickler import _GLOBAL_OPCODES, BudgetExceeded, GlobalModified, GuardRefused
+from ._unpickler import BudgetExceeded, GlobalModified, GuardRefused, plain_data
 from .exceptions import (
     ExpiredFrame,
     ForbiddenClass,
@@ -69,7 +67,6 @@ _MAX_LISTED = 64
 
 Buffer = bytes | bytearray | memoryview
 _MID = _frame._MID
-_MID_COUNTED = _frame.MID_COUNTED
 #: By key id length: a header as (lead up to the key id, created, nonce,
 #: payload length), in one unpack.
 _HEADS = [
@@ -77,14 +74,6 @@ _HEADS = [
 ]
 #: bytes frames up to this size are sliced rather than viewed in loads().
 _SLICED = 4096
-#: _unpickler.plain_data as one match: PROTO 5, FRAME and its 8-byte length,
-#: then no byte with the value of a global-loading opcode up to the final STOP.
-_PLAIN = re.compile(
-    rb"\x80\x05\x95(.{8})[^" + _GLOBAL_OPCODES.pattern[1:-1] + rb"]*\.", re.DOTALL
-)
-_U64 = struct.Struct("<Q")
-#: Below this many bytes an HMAC is computed inline (hashlib keeps the GIL).
-_HMAC_INLINE = 2048
 
 
 class AuditModeWarning(UserWarning):
@@ -262,6 +251,13 @@ class Codec:
         self._alg = MAC_IDS[mac]
         self._tag_size = TAG_SIZES[self._alg]
         self._accept = frozenset(MAC_IDS[name] for name in accept_macs)
+        # GMAC's security rests on nonces never repeating under one key: 16
+        # random bytes.  HMAC needs them only unique enough to tell frames
+        # apart: a per-process random half and a counter, made without a
+        # system call (see _frame.new_nonce).
+        self._new_nonce: Callable[[], bytes] = (
+            _frame.new_nonce if self._alg == ALG_HMAC_SHA256 else _random_nonce
+        )
         # Header leads (magic .. key id) that passed every check, and the
         # largest frame the fast path of loads() takes.
         self._leads: dict[bytes, tuple[int, bytes, int, int, int]] = {}
@@ -270,11 +266,6 @@ class Codec:
         # restricted unpickler would load: pure data among them loads with
         # pickle.loads (see _unpickler.plain_data).
         self._plain_param = 5 if serializer == "pickle" and policy is not None else -1
-        # The active key id and its header prefix, for the inlined dumps.
-        self._fast_prefix: tuple[bytes | None, bytes] = (None, b"")
-        self._fast_dumps = (
-            serializer == "pickle" and protocol == 5 and self._alg == ALG_HMAC_SHA256
-        )
         # Everything needed to rebuild this codec in a child process.
         self._options: dict[str, Any] = dict(
             serializer=serializer,
@@ -353,49 +344,10 @@ class Codec:
         Serialization errors (an unpicklable object, a type msgpack cannot
         carry) propagate unchanged.
         """
-        if self._fast_dumps and not (type(obj) in _BLOBS and len(obj) >= _LARGE):
-            # The common case, inlined: a small in-band pickle under HMAC.
-            buffers: list[pickle.PickleBuffer] = []
-            pickled = pickle.dumps(obj, 5, buffer_callback=buffers.append)
-            if buffers or len(pickled) >= _LARGE:  # the general way, same pickle
-                payload, param, oob = self._serializer.with_buffers(  # type: ignore[attr-defined]
-                    obj, pickled, buffers
-                )
-                if not oob:
-                    return self._seal(payload, param)
-                return self._sealing(payload, param, oob).to_bytes()
-            ring = self._keyring
-            if ring._source is None:
-                state = ring._state
-                key_id = state.active_id_bytes
-                key = state.mac_keys[ALG_HMAC_SHA256][key_id]
-            else:
-                key_id, key = ring._signing(ALG_HMAC_SHA256)
-            nonces = _frame.new_nonce
-            prefix = self._fast_prefix
-            if prefix[0] is not key_id:  # the active key changed
-                prefix = self._fast_prefix = (key_id, self._prefix(key_id, 5))
-            body = (
-                prefix[1]
-                + _MID_COUNTED.pack(
-                    int(self._clock() * 1000), nonces.prefix, next(nonces.counter),
-                    len(pickled),
-                )
-                + pickled
-            )
-            if len(body) + _frame.TAG_SIZE > self._max_frame_size:
-                raise self._too_large(len(body) + _frame.TAG_SIZE)
-            if len(body) >= _HMAC_INLINE or self._context:
-                return body + key.hmac(body, self._context)
-            inner = key._inner.copy()  # MacKey.hmac, inlined
-            inner.update(body)
-            outer = key._outer.copy()
-            outer.update(inner.digest())
-            return body + outer.digest()
-        payload, param, oob = self._serializer.dumps_oob(obj)
-        if not oob and not isinstance(payload, list):
+        payload, param, buffers = self._serializer.dumps_oob(obj)
+        if not buffers and not isinstance(payload, list):
             return self._seal(payload, param)
-        return self._sealing(payload, param, oob).to_bytes()
+        return self._sealing(payload, param, buffers).to_bytes()
 
     def _prepare(self, obj: Any) -> bytes | Sealing:
         """
@@ -406,15 +358,6 @@ class Codec:
         if not buffers and not isinstance(payload, list) and len(payload) < _LARGE:
             return self._seal(payload, param)
         return self._sealing(payload, param, buffers)
-
-    def _new_nonce(self) -> bytes:
-        # GMAC's security rests on nonces never repeating under one key:
-        # 16 random bytes.  HMAC needs them only unique enough to tell
-        # frames apart: a per-process random half and a counter, made
-        # without a system call (see _frame.new_nonce).
-        if self._alg == ALG_HMAC_SHA256:
-            return _frame.new_nonce()
-        return os.urandom(_frame.NONCE_SIZE)
 
     def _prefix(self, key_id: bytes, param: int) -> bytes:
         prefix = self._prefixes.get((key_id, param))
@@ -496,7 +439,7 @@ class Codec:
         if size + len(header) + self._tag_size > self._max_frame_size:
             raise self._too_large(size + len(header) + self._tag_size)
         body = header + payload
-        if alg == ALG_HMAC_SHA256:
+        if alg == ALG_HMAC_SHA256:  # one_shot's first case, without its call
             return body + key.hmac(body, self._context)
         return body + one_shot(alg, key, nonce, body, self._context)
 
@@ -585,24 +528,9 @@ class Codec:
                     alg, key_id, mid, tag_size, param = known
                     end = size - tag_size
                     start = mid + _frame.MID_SIZE
-                    ring = self._keyring
-                    key = (
-                        ring._state.mac_keys[alg].get(key_id)
-                        if ring._source is None
-                        else ring._mac_key(key_id, alg)
-                    )
+                    key = self._keyring._mac_key(key_id, alg)
                     if length == end - start and key is not None:
-                        if alg == ALG_HMAC_SHA256:
-                            if end < _HMAC_INLINE and not self._context:
-                                inner = key._inner.copy()  # MacKey.hmac, inlined
-                                inner.update(view[:end])
-                                outer = key._outer.copy()
-                                outer.update(inner.digest())
-                                expected = outer.digest()
-                            else:
-                                expected = key.hmac(view[:end], self._context)
-                        else:
-                            expected = one_shot(alg, key, nonce, view[:end], self._context)
+                        expected = one_shot(alg, key, nonce, view[:end], self._context)
                         if not hmac.compare_digest(expected, view[end:]):
                             raise self._bad_tag()
                         age_ms = self._clock() * 1000.0 - created_ms
@@ -610,14 +538,7 @@ class Codec:
                             self._max_age_ms is None or age_ms <= self._max_age_ms
                         ):
                             payload = view[start:end]
-                            plain = (
-                                _PLAIN.fullmatch(payload)  # _unpickler.plain_data
-                                if param == self._plain_param
-                                else None
-                            )
-                            if plain is not None and (
-                                _U64.unpack(plain[1])[0] == end - start - 11
-                            ):
+                            if param == self._plain_param and plain_data(payload, param):
                                 try:
                                     return pickle.loads(payload)
                                 except Exception:  # reported as _deserialize does
@@ -823,6 +744,10 @@ class Codec:
             exc.size if isinstance(exc, FrameTooLarge) else len(raw),
         )
         return exc
+
+
+def _random_nonce() -> bytes:
+    return os.urandom(_frame.NONCE_SIZE)
 
 
 def _rebuild_codec(keyring: Keyring, options: dict[str, Any]) -> Codec:

@@ -71,8 +71,6 @@ _PICKLE_FAMILY = (SERIALIZER_PICKLE, SERIALIZER_CLOUDPICKLE)
 
 _LEAD = struct.Struct(">2sBBBBB")  # magic, version, alg, serializer, param, L
 _MID = struct.Struct(">Q16sQ")  # created, nonce, payload length
-#: The same, with the nonce as new_nonce makes it: random half, counter.
-MID_COUNTED = struct.Struct(">Q8sQQ")
 LEAD_SIZE = _LEAD.size  # 7
 MID_SIZE = _MID.size  # 32
 #: How many leading bytes of a frame refused for its size are kept in
@@ -116,11 +114,11 @@ class _Nonces:
             os.register_at_fork(after_in_child=self._reseed)
 
     def _reseed(self) -> None:
-        self.prefix = os.urandom(NONCE_SIZE // 2)
-        self.counter = itertools.count()
+        self._prefix = os.urandom(NONCE_SIZE // 2)
+        self._counter = itertools.count()
 
     def __call__(self) -> bytes:
-        return self.prefix + next(self.counter).to_bytes(NONCE_SIZE // 2, "big")
+        return self._prefix + next(self._counter).to_bytes(NONCE_SIZE // 2, "big")
 
 
 #: ``new_nonce()`` returns a fresh 16-byte frame nonce.

@@ -82,7 +82,9 @@ class MacKey:
         """HMAC-SHA256 over ``data || context``."""
         inner = self._inner.copy()
         size = len(data)
-        if _GIL_FREE <= size < _HOLD_GIL_BELOW:
+        if size < _GIL_FREE:  # the common case first
+            inner.update(data)
+        elif size < _HOLD_GIL_BELOW:
             # hashlib lets other threads run while it hashes 2 KiB or more;
             # for a small frame the hand-over to the queue's feeder thread
             # and back costs more than the hash: feed it below that size.

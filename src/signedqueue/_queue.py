@@ -214,31 +214,7 @@ class SignedQueue:
         :class:`RejectedFrame` subclass if the next frame is refused (the
         frame is consumed; the next call returns the next item).
         """
-        if block and timeout is None and not self._closed:
-            # _get_record and _load, inlined for the common case.
-            with self._rlock:
-                record = _pipe.read_record(self._rfd, self._limit)
-                if type(record) is _pipe.SegmentRef:
-                    self._take_fd(record)
-            try:  # noqa: SIM105 - the hot path; contextlib.suppress costs a call
-                self._sem.release()
-            except ValueError:  # a record that held no slot (see _release_slot)
-                pass
-            if type(record) is bytearray:
-                try:
-                    return self._codec.loads(record)
-                except RejectedFrame:
-                    self._on_rejected()
-                    raise
-            return self._load(record)
-        record = self._get_record(block, timeout)
-        if type(record) is bytearray:
-            try:
-                return self._codec.loads(record)
-            except RejectedFrame:
-                self._on_rejected()
-                raise
-        return self._load(record)
+        return self._load(self._get_record(block, timeout))
 
     def get_nowait(self) -> Any:
         """``get(block=False)``."""
@@ -287,10 +263,10 @@ class SignedQueue:
     ) -> bytearray | _pipe.Oversized | _pipe.SegmentRef:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
-        limit = self._codec.max_frame_size
+        limit = self._limit
         if block and timeout is None:
             with self._rlock:
-                record = _pipe.read_record(self._reader.fileno(), limit)
+                record = _pipe.read_record(self._rfd, limit)
                 if type(record) is _pipe.SegmentRef:
                     self._take_fd(record)
             self._release_slot()
@@ -325,12 +301,16 @@ class SignedQueue:
     def _release_slot(self) -> None:
         # A record that did not come through put() (written into the pipe by
         # someone else) holds no slot.  Never lose the record for it.
-        with contextlib.suppress(ValueError):
+        try:  # noqa: SIM105 - on every get(); contextlib.suppress costs more
             self._sem.release()
+        except ValueError:
+            pass
 
     def _load(self, record: bytearray | _pipe.Oversized | _pipe.SegmentRef) -> Any:
         # Runs after the read lock is released, like multiprocessing.Queue.
         try:
+            if type(record) is bytearray:  # a frame read from the pipe
+                return self._codec.loads(record)
             if isinstance(record, _pipe.SegmentRef):
                 return self._load_segment(record)
             if isinstance(record, _pipe.Oversized):
@@ -349,7 +329,6 @@ class SignedQueue:
                     limit=self._codec.max_frame_size,
                 )
                 raise self._codec._refused(exc, record.prefix)
-            return self._codec.loads(record)
         except RejectedFrame:
             self._on_rejected()
             raise

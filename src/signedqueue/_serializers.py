@@ -119,12 +119,6 @@ class _PickleFamily(Serializer):
             payload = parts.parts
         else:
             payload = self._pickle(obj, buffers.append)
-        return self.with_buffers(obj, payload, buffers)
-
-    def with_buffers(
-        self, obj: Any, payload: bytes | list[Buffer], buffers: list[pickle.PickleBuffer]
-    ) -> tuple[bytes | list[Buffer], int, list[memoryview]]:
-        """The result of dumps_oob for a pickle of *obj* and its buffers."""
         if not buffers:
             return payload, self.protocol, []
         if len(buffers) > _frame.MAX_BUFFERS:
