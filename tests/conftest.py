@@ -56,3 +56,25 @@ def clock() -> FrozenClock:
 def mp_context(request: pytest.FixtureRequest) -> Iterator[multiprocessing.context.BaseContext]:
     """Each multiprocessing start method in turn."""
     yield multiprocessing.get_context(request.param)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """A Redis server to test against (skips, or fails under REQUIRE_BROKERS)."""
+    from brokers import REDIS_URL, redis_reason, unavailable
+
+    reason = redis_reason()
+    if reason is not None:
+        unavailable("Redis", reason)
+    return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """A RabbitMQ server to test against (skips, or fails under REQUIRE_BROKERS)."""
+    from brokers import AMQP_URL, amqp_reason, unavailable
+
+    reason = amqp_reason()
+    if reason is not None:
+        unavailable("RabbitMQ", reason)
+    return AMQP_URL

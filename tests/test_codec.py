@@ -890,3 +890,21 @@ def test_far_memo_index_does_not_allocate(ring: Keyring) -> None:
     assert codec.loads(codec.seal(pickle.dumps(None, protocol=4))) is None
     frame = codec.seal(FAR_MEMO_PICKLE)
     assert _traced_peak(lambda: codec.loads(frame)) < 1024 * 1024
+
+
+def test_with_context_rebinds_and_keeps_options(ring: signedqueue.Keyring) -> None:
+    """with_context() changes only the bound context: frames cross only within one."""
+    base = signedqueue.Codec(ring, allow=["collections.OrderedDict"], context=b"a")
+    other = base.with_context(b"b")
+    assert (base.context, other.context) == (b"a", b"b")
+    import collections
+
+    value = collections.OrderedDict(x=1)
+    assert other.loads(other.dumps(value)) == value
+    assert base.loads(base.dumps(value)) == value
+    with pytest.raises(signedqueue.InvalidSignature):
+        base.loads(other.dumps(value))
+    with pytest.raises(signedqueue.InvalidSignature):
+        other.loads(base.dumps(value))
+    with pytest.raises(TypeError, match="context must be bytes"):
+        base.with_context("b")  # type: ignore[arg-type]

@@ -56,11 +56,23 @@ def test_tree() -> None:
 
 def test_exported() -> None:
     """Every exception class is exported from signedqueue and signedqueue.exceptions."""
-    names = {"SignedQueueError", "KeyringError"} | set(IDS)
+    names = {
+        "SignedQueueError", "KeyringError", "TransportError", "BrokerUnavailable"
+    } | set(IDS)
     assert names == set(signedqueue.exceptions.__all__)
     for name in names:
         assert getattr(signedqueue.exceptions, name) is getattr(signedqueue, name)
         assert name in signedqueue.__all__
+
+
+def test_transport_errors_are_connection_errors() -> None:
+    """Broker failures are ConnectionErrors too, and never RejectedFrames."""
+    from signedqueue.exceptions import BrokerUnavailable, TransportError
+
+    assert issubclass(BrokerUnavailable, TransportError)
+    assert issubclass(TransportError, ConnectionError)
+    assert issubclass(TransportError, signedqueue.SignedQueueError)
+    assert not issubclass(TransportError, RejectedFrame)
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), REFUSALS, ids=IDS)

@@ -26,6 +26,7 @@ from ._presets import PRESETS
 from ._queue import SignedJoinableQueue, SignedQueue
 from ._wrap import UnprotectedTransportWarning, WrappedQueue, wrap
 from .exceptions import (
+    BrokerUnavailable,
     ExpiredFrame,
     ForbiddenClass,
     FrameTooLarge,
@@ -35,6 +36,7 @@ from .exceptions import (
     RejectedFrame,
     ReplayedFrame,
     SignedQueueError,
+    TransportError,
     UnknownKey,
 )
 
@@ -45,6 +47,7 @@ __all__ = [
     "Allowlist",
     "AuditModeWarning",
     "AuditReport",
+    "BrokerUnavailable",
     "Codec",
     "Config",
     "ConfigError",
@@ -63,6 +66,7 @@ __all__ = [
     "SignedJoinableQueue",
     "SignedQueue",
     "SignedQueueError",
+    "TransportError",
     "UnknownKey",
     "UnprotectedTransportWarning",
     "WrappedQueue",

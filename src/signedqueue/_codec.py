@@ -302,6 +302,30 @@ class Codec:
         """Frames larger than this are refused before hashing."""
         return self._max_frame_size
 
+    @property
+    def context(self) -> bytes:
+        """The bytes bound into every tag (see *context*)."""
+        return self._context
+
+    def with_context(self, context: bytes) -> Codec:
+        """
+        A codec like this one (same keyring, serializer, allowlist and
+        options) that binds *context* into every tag instead.
+
+        Transports use it to bind where a frame is going into what is signed:
+        a frame sealed for one queue, task or purpose is then refused as
+        :class:`InvalidSignature` by every other.
+        """
+        if not isinstance(context, (bytes, bytearray)):
+            raise TypeError("context must be bytes, e.g. b'orders-queue'")
+        options = {**self._options, "context": bytes(context)}
+        if options["unsafe_audit"]:
+            # The warning was given when this codec was made; say it once.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", AuditModeWarning)
+                return Codec(self._keyring, **options)
+        return Codec(self._keyring, **options)
+
     def __repr__(self) -> str:
         return (
             f"<Codec serializer={self.serializer!r} active_key="

@@ -6,6 +6,10 @@ The tree::
     SignedQueueError            base class; never raised directly
     ├── KeyringError            a keyring cannot be loaded (invalid, unset,
     │                           readable by others) or changed that way
+    ├── TransportError          a broker operation failed (also a
+    │   │                       ConnectionError); nothing was lost
+    │   └── BrokerUnavailable   the broker did not answer within the
+    │                           configured timeout
     └── RejectedFrame           an incoming frame was refused (.frame, .reason)
         ├── FrameTooLarge       larger than max_frame_size; nothing was hashed
         ├── MalformedFrame      not a well-formed v1 frame, or a payload the
@@ -28,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 __all__ = [
+    "BrokerUnavailable",
     "ExpiredFrame",
     "ForbiddenClass",
     "FrameTooLarge",
@@ -37,6 +42,7 @@ __all__ = [
     "RejectedFrame",
     "ReplayedFrame",
     "SignedQueueError",
+    "TransportError",
     "UnknownKey",
 ]
 
@@ -54,6 +60,25 @@ class KeyringError(SignedQueueError, ValueError):
     grants permissions to group or others, or the change would break the
     fleet (retiring the active key, two active keys).  (A file that cannot be
     opened raises the usual ``OSError``; an unknown key id, ``KeyError``.)
+    """
+
+
+class TransportError(SignedQueueError, ConnectionError):
+    """
+    A broker transport (Redis, RabbitMQ) could not complete an operation.
+
+    The message says what was being done and whether the frame may already
+    have reached the broker (a put whose reply was lost), so the caller can
+    decide to retry.  It never contains frame bytes or key material.  Also a
+    ``ConnectionError``, so existing ``except ConnectionError`` handlers see
+    it.
+    """
+
+
+class BrokerUnavailable(TransportError):
+    """
+    The broker could not be reached, or did not answer, within the configured
+    timeout.  Nothing was sent.
     """
 
 
