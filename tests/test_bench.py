@@ -268,3 +268,71 @@ def test_bench_failed_delivery_exits_1(
     monkeypatch.setattr(_bench, "run", failing)
     assert 1 == main(["bench", "--quick", "--only", "small-dict"])
     assert "signedqueue bench: delivery check failed" in capsys.readouterr().err
+
+
+# -- broker cases ------------------------------------------------------------
+
+
+def test_bench_broker_cases_skip_with_reason_when_redis_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No Redis: the broker cases are left out, said on stderr and recorded; the rest runs."""
+    from brokers import free_port
+    from signedqueue import _bench_brokers
+
+    monkeypatch.setattr(_bench_brokers, "REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    path = tmp_path / "bench.json"
+    assert 0 == main(["bench", "--quick", "--trials", "1", "--no-peers", "--json", str(path),
+                      "--only", "codec-small-dict", "redis-small-dict", "celery-round-trip"])
+    err = capsys.readouterr().err
+    assert "bench: skipping redis-small-dict: Redis at redis://127.0.0.1:" in err
+    assert "bench: skipping celery-round-trip" in err
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    assert [c["name"] for c in doc["cases"]] == ["codec-small-dict"]
+    assert {s["name"] for s in doc["skipped"]} == {"redis-small-dict", "celery-round-trip"}
+
+
+def test_bench_no_brokers_leaves_broker_cases_out(tmp_path: Path) -> None:
+    """``--no-brokers`` runs none of the redis-* and celery-* cases."""
+    path = tmp_path / "bench.json"
+    assert 0 == main(["bench", "--quick", "--trials", "1", "--no-peers", "--no-brokers",
+                      "--only", "codec-small-dict", "redis-small-dict", "--json", str(path)])
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    assert [c["name"] for c in doc["cases"]] == ["codec-small-dict"]
+    assert doc["settings"]["brokers"] is False
+
+
+def test_bench_redis_cases_are_delivery_checked(redis_url: str) -> None:
+    """Both Redis variants deliver every item they send, and leave no keys behind."""
+    import redis
+
+    from signedqueue import _bench_brokers
+
+    case = {c.name: c for c in _bench.CASES}["redis-small-dict"]
+    ring = Keyring.generate()
+    client = redis.Redis.from_url(redis_url)
+    before = set(client.scan_iter(match="signedqueue-bench-*")) | set(
+        client.scan_iter(match="signedqueue:{signedqueue-bench-*"))
+    for variant in ("signed", "plain"):
+        sample = _bench_brokers.run_case(case, variant, 200, ring, None)
+        assert (sample["sent"], sample["received"]) == (200, 200)
+        assert sample["rate"] == pytest.approx(200 / sample["seconds"])
+    after = set(client.scan_iter(match="signedqueue-bench-*")) | set(
+        client.scan_iter(match="signedqueue:{signedqueue-bench-*"))
+    client.close()
+    assert after <= before
+
+
+@pytest.mark.slow
+def test_bench_celery_case_runs_every_variant(redis_url: str) -> None:
+    """A real worker per variant (signed, json, auth): every round trip returns the payload."""
+    from signedqueue import _bench_brokers
+
+    case = {c.name: c for c in _bench.CASES}["celery-round-trip"]
+    ring = Keyring.generate()
+    with _bench_brokers.celery_workers(ring) as workers:
+        for variant in ("signed", "plain", "celery-auth"):
+            sample = _bench_brokers.run_case(case, variant, 20, ring, workers)
+            assert (sample["sent"], sample["received"]) == (20, 20)
+        procs = list(workers._procs.values())
+    assert all(proc.poll() is not None for proc in procs)

@@ -8,6 +8,7 @@ the same global.  pandas has no preset; its pickles are refused.
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 import pickletools
 import tracemalloc
@@ -370,6 +371,9 @@ def skip_unless_zones_pickle_by_constructor() -> None:
 
     ops = {op.name for op, _, _ in pickletools.genops(pickle.dumps(tz.tzoffset("X", 60), 4))}
     if "NEWOBJ" in ops:
+        if os.environ.get("SIGNEDQUEUE_REQUIRE_DATEUTIL_ZONES") == "1":
+            pytest.fail("SIGNEDQUEUE_REQUIRE_DATEUTIL_ZONES=1, but this python-dateutil "
+                        "pickles time zones with NEWOBJ + BUILD")
         pytest.skip(
             "this python-dateutil pickles time zones with NEWOBJ + BUILD, which the "
             "guarded preset refuses; its newer releases pickle them by constructor"

@@ -27,6 +27,7 @@ Nothing here asserts on timings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import hmac
@@ -90,7 +91,7 @@ class Case:
     """One benchmark: a payload and how many times to send it."""
 
     name: str
-    kind: str  # "queue" or "codec"
+    kind: str  # "queue", "codec", or a broker case: "redis" or "celery"
     description: str
     unit: str  # "msgs/s" or "GB/s"
     count: int  # messages per queue trial, or round trips per codec sample
@@ -120,7 +121,17 @@ CASES: tuple[Case, ...] = (
          "pickle + hmac by hand", "GB/s", 300, 150, "bytes-1mib", fast=True),
     Case("codec-bytes-64mib", "codec", "Codec dumps+loads of 64 MiB bytes vs "
          "pickle + hmac by hand", "GB/s", 6, 3, "bytes-64mib", fast=True),
+    Case("redis-small-dict", "redis", 'RedisQueue put, get + ack of {"a": 1, "b": [2, 3]} '
+         "vs redis-py LPUSH/BRPOP of pickle", "msgs/s", 20_000, 4_000, "small-dict"),
+    Case("redis-bytes-1mib", "redis", "RedisQueue put, get + ack of 1 MiB bytes vs "
+         "redis-py LPUSH/BRPOP of pickle", "GB/s", 300, 100, "bytes-1mib"),
+    Case("celery-round-trip", "celery", "Celery echo task round trips of "
+         '{"a": 1, "b": [2, 3]}, 50 in flight, one solo worker, Redis broker and backend; '
+         "plain = Celery's json serializer", "tasks/s", 2_000, 400, "small-dict"),
 )
+
+#: Cases that need a broker (see _bench_brokers).
+BROKER_KINDS = ("redis", "celery")
 
 CASE_NAMES = tuple(c.name for c in CASES)
 
@@ -144,12 +155,17 @@ PEERS: tuple[Peer, ...] = (
          "sign(pickle.dumps(obj)), then unsign + pickle.loads"),
     Peer("fernet", "cryptography.fernet", "cryptography", "codec",
          "cryptography Fernet: encrypt(pickle.dumps(obj)), then decrypt + pickle.loads"),
+    Peer("celery-auth", "celery.security", "celery", "celery",
+         "Celery's auth serializer: task messages signed with RSA and a certificate, "
+         "json inside (app.setup_security())"),
 )
 
 #: Every variant a case can have, in table, chart and JSON order.
 VARIANTS: dict[str, str] = {
-    "plain": "multiprocessing.Queue (queue cases); pickle + hmac by hand (codec cases)",
-    "signed": "SignedQueue(keyring) / Codec(keyring): HMAC-SHA256, the default",
+    "plain": "multiprocessing.Queue (queue cases); pickle + hmac by hand (codec cases); "
+    "redis-py LPUSH/BRPOP of pickle (redis cases); Celery's json serializer (celery cases)",
+    "signed": "SignedQueue(keyring) / Codec(keyring) / RedisQueue(name, codec) / "
+    "signedqueue.transports.celery.setup(app, codec): HMAC-SHA256, the default",
     "fast": f'SignedQueue(keyring, mac="{FAST_MAC}") / Codec(keyring, mac="{FAST_MAC}")',
     **{p.name: p.description for p in PEERS},
 }
@@ -328,40 +344,9 @@ def _run_queue(case: Case, variant: str, count: int, keyring: Keyring) -> dict[s
     queue = _make_queue(variant, case, keyring, maxsize, ctx)
     # faster_fifo's put gives up after 10 s by default; the others block.
     put_timeout = _TIMEOUT if variant == "faster-fifo" else None
-    recv_end, send_end = ctx.Pipe(duplex=False)
-    p_ready, c_ready, go = ctx.Event(), ctx.Event(), ctx.Event()
-    consumer = ctx.Process(target=_consumer, args=(queue, case.payload, count, c_ready,
-                                                   send_end), daemon=True)
-    producer = ctx.Process(target=_producer, args=(queue, case.payload, count, p_ready, go,
-                                                   send_end, put_timeout), daemon=True)
-    consumer.start()
-    producer.start()
-    send_end.close()
-    try:
-        for event, who in ((c_ready, "consumer"), (p_ready, "producer")):
-            if not event.wait(_TIMEOUT):
-                raise BenchmarkError(f"{case.name}/{variant}: {who} did not start")
-        go.set()
-        messages: dict[str, tuple[Any, ...]] = {}
-        while len(messages) < 2:
-            if not recv_end.poll(_TIMEOUT):
-                raise BenchmarkError(f"{case.name}/{variant}: timed out")
-            try:
-                msg = recv_end.recv()
-            except EOFError:
-                raise BenchmarkError(
-                    f"{case.name}/{variant}: a benchmark process died "
-                    f"(exit codes {producer.exitcode}, {consumer.exitcode})") from None
-            if msg[0] == "error":
-                raise BenchmarkError(f"{case.name}/{variant}: {msg[1]}")
-            messages[msg[0]] = msg
-    finally:
-        for proc in (producer, consumer):
-            proc.join(5)
-            if proc.is_alive():
-                proc.terminate()
-                proc.join()
-        recv_end.close()
+    messages = run_pair(ctx, f"{case.name}/{variant}",
+                        _producer, (queue, case.payload, count), (put_timeout,),
+                        _consumer, (queue, case.payload, count))
     _, start, sent, sent_bytes, producer_peak = messages["producer"]
     _, end, received, received_bytes, bad, consumer_peak = messages["consumer"]
     check_delivery(sent, sent_bytes, received, received_bytes, bad)
@@ -370,6 +355,56 @@ def _run_queue(case: Case, variant: str, count: int, keyring: Keyring) -> dict[s
             "sent_bytes": sent_bytes, "received_bytes": received_bytes,
             "rate": _rate(case, count, sent_bytes, seconds),
             "producer_peak_rss": producer_peak, "consumer_peak_rss": consumer_peak}
+
+
+def run_pair(ctx: Any, label: str,
+             producer_fn: Callable[..., None], producer_args: tuple[Any, ...],
+             producer_tail: tuple[Any, ...], consumer_fn: Callable[..., None],
+             consumer_args: tuple[Any, ...]) -> dict[str, tuple[Any, ...]]:
+    """
+    Run a producer and a consumer in two fresh processes and return their
+    reports, keyed ``"producer"`` and ``"consumer"``.
+
+    They are called as ``producer_fn(*producer_args, ready, go, report,
+    *producer_tail)`` and ``consumer_fn(*consumer_args, ready, report)``; each
+    sets *ready* when set up, the producer starts on *go*, and each sends one
+    tuple (or ``("error", text)``) on *report*.
+    """
+    recv_end, send_end = ctx.Pipe(duplex=False)
+    p_ready, c_ready, go = ctx.Event(), ctx.Event(), ctx.Event()
+    consumer = ctx.Process(target=consumer_fn, daemon=True,
+                           args=(*consumer_args, c_ready, send_end))
+    producer = ctx.Process(target=producer_fn, daemon=True,
+                           args=(*producer_args, p_ready, go, send_end, *producer_tail))
+    consumer.start()
+    producer.start()
+    send_end.close()
+    try:
+        for event, who in ((c_ready, "consumer"), (p_ready, "producer")):
+            if not event.wait(_TIMEOUT):
+                raise BenchmarkError(f"{label}: {who} did not start")
+        go.set()
+        messages: dict[str, tuple[Any, ...]] = {}
+        while len(messages) < 2:
+            if not recv_end.poll(_TIMEOUT):
+                raise BenchmarkError(f"{label}: timed out")
+            try:
+                msg = recv_end.recv()
+            except EOFError:
+                raise BenchmarkError(
+                    f"{label}: a benchmark process died "
+                    f"(exit codes {producer.exitcode}, {consumer.exitcode})") from None
+            if msg[0] == "error":
+                raise BenchmarkError(f"{label}: {msg[1]}")
+            messages[msg[0]] = msg
+    finally:
+        for proc in (producer, consumer):
+            proc.join(5)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join()
+        recv_end.close()
+    return messages
 
 
 def _peak_rss() -> int:
@@ -516,11 +551,21 @@ def _plan(selected: Sequence[Case], peers: dict[str, dict[str, Any]], fast: bool
 
 def run(out: TextIO, err: TextIO, *, quick: bool = False, trials: int | None = None,
         only: Sequence[str] = (), json_path: str | None = None,
-        png_path: str | None = None, peers: bool = True) -> int:
+        png_path: str | None = None, peers: bool = True, brokers: bool = True) -> int:
     """Run the selected cases, print the table to *out*; return the exit code."""
     trials = trials if trials is not None else (3 if quick else 5)
     selected = [c for c in CASES if not only or c.name in only]
+    if not brokers:
+        selected = [c for c in selected if c.kind not in BROKER_KINDS]
     skipped: list[dict[str, str]] = []
+    for case in [c for c in selected if c.kind in BROKER_KINDS]:
+        from . import _bench_brokers
+
+        reason = _bench_brokers.broker_reason(case)
+        if reason is not None:
+            skipped.append({"name": case.name, "reason": reason})
+            print(f"bench: skipping {case.name}: {reason}", file=err)
+            selected.remove(case)
     if not _numpy_available():
         for c in [c for c in selected if c.needs_numpy]:
             skipped.append({"name": c.name, "reason": "numpy is not installed"})
@@ -534,9 +579,26 @@ def run(out: TextIO, err: TextIO, *, quick: bool = False, trials: int | None = N
     codec_fns = {c.name: _codec_functions(c, keyring, plan[c.name])
                  for c in selected if c.kind == "codec"}
     total_runs = trials * sum(len(v) for v in plan.values())
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        workers = None
+        if any(c.kind == "celery" for c in selected):
+            from . import _bench_brokers
+
+            workers = stack.enter_context(_bench_brokers.celery_workers(keyring))
+        _trials(err, selected, plan, samples, codec_fns, keyring, trials, quick, workers,
+                total_runs)
+    total = time.perf_counter() - started
+    return _report(out, err, selected, plan, samples, trials, quick, total, peer_info,
+                   skipped, only, peers, json_path, png_path, brokers)
+
+
+def _trials(err: TextIO, selected: Sequence[Case], plan: dict[str, list[str]],
+            samples: dict[str, dict[str, list[dict[str, Any]]]],
+            codec_fns: dict[str, dict[str, Callable[[], Any]]], keyring: Keyring,
+            trials: int, quick: bool, workers: Any, total_runs: int) -> None:
     width = len(str(total_runs))
     done = 0
-    started = time.perf_counter()
     for trial in range(trials):
         for index, case in enumerate(selected):
             count = case.quick_count if quick else case.count
@@ -550,12 +612,22 @@ def run(out: TextIO, err: TextIO, *, quick: bool = False, trials: int | None = N
                       end="", file=err, flush=True)
                 if case.kind == "queue":
                     sample = _run_queue(case, variant, count, keyring)
-                else:
+                elif case.kind == "codec":
                     sample = _run_codec(case, codec_fns[case.name][variant], count)
+                else:
+                    from . import _bench_brokers
+
+                    sample = _bench_brokers.run_case(case, variant, count, keyring, workers)
                 samples[case.name][variant].append(sample)
                 print(f" {sample['seconds']:.2f}s  {_fmt(sample['rate'], case.unit)}",
                       file=err, flush=True)
-    total = time.perf_counter() - started
+
+
+def _report(out: TextIO, err: TextIO, selected: Sequence[Case], plan: dict[str, list[str]],
+            samples: dict[str, dict[str, list[dict[str, Any]]]], trials: int, quick: bool,
+            total: float, peer_info: dict[str, dict[str, Any]],
+            skipped: list[dict[str, str]], only: Sequence[str], peers: bool,
+            json_path: str | None, png_path: str | None, brokers: bool) -> int:
     results = []
     for case in selected:
         med = {v: statistics.median(s["rate"] for s in samples[case.name][v])
@@ -586,6 +658,7 @@ def run(out: TextIO, err: TextIO, *, quick: bool = False, trials: int | None = N
         "machine": machine_info(),
         "signedqueue": _version("signedqueue"),
         "settings": {"quick": quick, "trials": trials, "only": list(only), "peers": peers,
+                     "brokers": brokers,
                      "fast_mac": FAST_MAC if fast_mac_supported() else None},
         "seconds": total,
         "variants": VARIANTS,
@@ -732,7 +805,9 @@ def add_parser(sub: Any) -> None:
     bench.add_argument("--only", metavar="NAME", nargs="+", action="extend", default=[],
                        help=f"run only these cases: {', '.join(CASE_NAMES)}")
     bench.add_argument("--no-peers", dest="peers", action="store_false",
-                       help="skip the peers (itsdangerous, Fernet, faster-fifo)")
+                       help="skip the peers (itsdangerous, Fernet, faster-fifo, Celery auth)")
+    bench.add_argument("--no-brokers", dest="brokers", action="store_false",
+                       help="skip the cases that need Redis (redis-*, celery-*)")
 
 
 def run_cli(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -752,7 +827,7 @@ def run_cli(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         return run(sys.stdout, sys.stderr, quick=args.quick, trials=args.trials,
                    only=args.only, json_path=args.json, png_path=args.png,
-                   peers=args.peers)
+                   peers=args.peers, brokers=args.brokers)
     except BenchmarkError as exc:
         print(f"\nsignedqueue bench: {exc}", file=sys.stderr)
         return 1

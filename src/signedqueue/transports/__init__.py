@@ -9,7 +9,11 @@ Each lives in its own module and needs its own extra, so importing
     processing lists, a visibility timeout and a dead-letter list, with the
     queue's name bound into every tag.  Also an asyncio variant.
 
-``signedqueue.transports.kombu`` (extras ``kombu`` and ``celery``)
-    A kombu serializer, and the Celery hooks that bind the task name and the
-    message kind (task or result) into every tag.
+``signedqueue.transports.kombu`` (extra ``kombu``)
+    A kombu serializer with its own content type; the message kind (task or
+    other message) and a task's name are bound into every tag.
+
+``signedqueue.transports.celery`` (extra ``celery``)
+    ``setup(app, codec)``: the serializer, the app's serializer settings and
+    the publish signal and worker bootstep that bind each task's name.
 """
