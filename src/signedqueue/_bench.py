@@ -155,6 +155,9 @@ PEERS: tuple[Peer, ...] = (
          "sign(pickle.dumps(obj)), then unsign + pickle.loads"),
     Peer("fernet", "cryptography.fernet", "cryptography", "codec",
          "cryptography Fernet: encrypt(pickle.dumps(obj)), then decrypt + pickle.loads"),
+    Peer("redis-reliable", "redis", "redis", "redis",
+         "redis-py LPUSH, then BLMOVE to a processing list and LREM to acknowledge, of "
+         "pickle: the commands RedisQueue sends, unsigned"),
     Peer("celery-auth", "celery.security", "celery", "celery",
          "Celery's auth serializer: task messages signed with RSA and a certificate, "
          "json inside (app.setup_security())"),
@@ -520,7 +523,7 @@ def machine_info() -> dict[str, Any]:
 def _fmt(value: float, unit: str) -> str:
     if unit == "GB/s":
         return f"{value:.3f} GB/s"
-    return f"{value:,.0f} msgs/s"
+    return f"{value:,.0f} {unit}"
 
 
 def _plan(selected: Sequence[Case], peers: dict[str, dict[str, Any]], fast: bool,
@@ -726,7 +729,8 @@ def _print_table(out: TextIO, results: list[dict[str, Any]], trials: int, quick:
               file=out)
         _table(out, mem_rows, left=2)
     print(file=out)
-    print("plain = multiprocessing.Queue (queue cases), pickle + hmac by hand (codec-*); "
+    print("plain = multiprocessing.Queue (queue cases), pickle + hmac by hand (codec-*), "
+          "redis-py LPUSH/BRPOP of pickle (redis-*), Celery's json serializer (celery-*); "
           f'fast = mac="{FAST_MAC}"; ratios are medians divided by the plain median; '
           f"total {total:.1f}s", file=out)
 

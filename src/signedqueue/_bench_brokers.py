@@ -51,10 +51,6 @@ from ._keys import Keyring
 
 REDIS_URL = os.environ.get("SIGNEDQUEUE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
-#: Variants of the broker cases (the first two of each are signed and plain).
-REDIS_VARIANTS = ("signed", "plain")
-CELERY_VARIANTS = ("signed", "plain", "celery-auth")
-
 
 def broker_reason(case: Case) -> str | None:
     """None when *case* can run here, else why not."""
@@ -137,7 +133,7 @@ def _redis_consumer(variant: str, name: str, codec: Codec, payload: str, count: 
                 bad += not _item_ok(payload, item)
             end = time.perf_counter()
             queue.close()
-        else:
+        elif variant == "plain":
             client = redis.Redis.from_url(REDIS_URL)
             loads = pickle.loads
             ready.set()
@@ -146,6 +142,22 @@ def _redis_consumer(variant: str, name: str, codec: Codec, payload: str, count: 
                 if reply is None:
                     raise BenchmarkError("BRPOP timed out")
                 item = loads(reply[1])  # type: ignore[arg-type]
+                received += 1
+                nbytes += _size_of(item)
+                bad += not _item_ok(payload, item)
+            end = time.perf_counter()
+            client.close()
+        else:  # redis-reliable: RedisQueue's commands, without signing
+            client = redis.Redis.from_url(REDIS_URL)
+            loads = pickle.loads
+            processing = f"{name}:processing"
+            ready.set()
+            for _ in range(count):
+                data = client.blmove(name, processing, int(_TIMEOUT), "RIGHT", "LEFT")
+                if data is None:
+                    raise BenchmarkError("BLMOVE timed out")
+                item = loads(data)  # type: ignore[arg-type]
+                client.lrem(processing, 1, data)  # type: ignore[arg-type]
                 received += 1
                 nbytes += _size_of(item)
                 bad += not _item_ok(payload, item)
@@ -171,7 +183,8 @@ def _run_redis(case: Case, variant: str, count: int, keyring: Keyring) -> dict[s
                             _redis_consumer, (variant, name, codec, case.payload, count))
     finally:
         client = redis.Redis.from_url(REDIS_URL)
-        keys = [name, *client.scan_iter(match=f"signedqueue:{{{name}}}:*")]
+        keys = [name, f"{name}:processing",
+                *client.scan_iter(match=f"signedqueue:{{{name}}}:*")]
         client.delete(*keys)
         client.close()
     _, start, sent, sent_bytes = messages["producer"]
