@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import pickle
 import queue
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,6 +43,7 @@ aioredis = pytest.importorskip("redis.asyncio")
 
 from signedqueue.transports.redis import (  # noqa: E402
     CONTEXT_LABEL,
+    LOAD_FAILED,
     AsyncRedisQueue,
     DeadLetter,
     RedisQueue,
@@ -706,6 +708,169 @@ def test_queue_is_refused_in_another_process(name: str, codec: Codec, queues: An
     q._core.pid = os.getpid()
 
 
+# -- interruptions, close() during get(), forged entries -----------------------
+
+
+class Picky(Codec):
+    """A codec whose loads() raises what the loaded value names, after the
+    frame verified (as an application's Codec subclass could)."""
+
+    def loads(self, frame: Any) -> Any:
+        value = super().loads(frame)
+        if value == "lookup-error":
+            raise LookupError("detail that quotes the payload")
+        if value == "interrupt-once" and not getattr(self, "interrupted", False):
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return value
+
+
+def test_frame_that_fails_to_load_is_dead_lettered(
+    name: str, ring: Keyring, queues: Any, admin: Any, redis_url: str
+) -> None:
+    q = queues(name, Picky(ring), bind_name=False)
+    q.put("lookup-error")
+    q.put("next")
+    with pytest.raises(LookupError, match="quotes the payload"):
+        q.get(timeout=5)
+    [letter] = q.dead_letters()
+    assert (letter.error, letter.reason) == ("LookupError", LOAD_FAILED)
+    assert "quotes" not in letter.reason
+    assert Codec(ring).loads(letter.frame) == "lookup-error"  # the frame, whole
+    assert admin.llen(q.keys["processing"] + q.consumer) == 0
+    delivery = q.get(timeout=5)
+    assert delivery.value == "next"
+    delivery.ack()
+    assert not q._core.held
+
+    async def main() -> None:
+        async with AsyncRedisQueue(name, Picky(ring), url=redis_url, bind_name=False) as aq:
+            await aq.put("lookup-error")
+            with pytest.raises(LookupError):
+                await aq.get(timeout=5)
+            assert [d.error for d in await aq.dead_letters()] == ["LookupError"] * 2
+            assert not aq._core.held
+
+    asyncio.run(main())
+
+
+def test_interrupted_get_loses_no_frame(
+    name: str, ring: Keyring, codec: Codec, queues: Any, admin: Any
+) -> None:
+    q = queues(name, Picky(ring), bind_name=False)
+    processing = q.keys["processing"] + q.consumer
+    # Interrupted after Redis moved the frame, before get() had its reply.
+    real_blmove = q.client.blmove
+
+    def blmove_then_interrupt(*args: Any) -> Any:
+        del q.client.blmove
+        real_blmove(*args)
+        raise KeyboardInterrupt
+
+    q.client.blmove = blmove_then_interrupt
+    q.put("moved")
+    with pytest.raises(KeyboardInterrupt):
+        q.get(timeout=5)
+    assert admin.llen(processing) == 1
+    delivery = q.get(timeout=5)
+    assert delivery.value == "moved"
+    delivery.ack()
+    # Interrupted while loading.
+    q.put("interrupt-once")
+    with pytest.raises(KeyboardInterrupt):
+        q.get(timeout=5)
+    delivery = q.get(timeout=5)
+    assert delivery.value == "interrupt-once"
+    delivery.ack()
+    # Interrupted while dead-lettering a refused frame.
+    admin.lpush(q.keys["ready"], b"not a frame")
+    real_script = q._scripts["dead_letter"]
+
+    def interrupt_once(**kwargs: Any) -> Any:
+        q._scripts["dead_letter"] = real_script
+        raise KeyboardInterrupt
+
+    q._scripts["dead_letter"] = interrupt_once
+    with pytest.raises(KeyboardInterrupt):
+        q.get(timeout=5)
+    with pytest.raises(MalformedFrame):
+        q.get(timeout=5)
+    assert [d.frame for d in q.dead_letters()] == [b"not a frame"]
+    assert admin.llen(processing) == 0
+    assert not q._core.held
+
+
+@pytest.mark.parametrize("made_from", ["url", "client"])
+def test_close_while_another_thread_waits_in_get(
+    name: str, codec: Codec, queues: Any, admin: Any, redis_url: str, made_from: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    if made_from == "url":
+        q = RedisQueue(name, codec, url=redis_url, visibility_timeout=2)
+    else:
+        q = RedisQueue(name, codec, client=client, visibility_timeout=2)
+    producer = queues(name, codec)
+    waiting = Background(q.get)
+    time.sleep(0.7)  # registered, blocked in a BLMOVE
+    closing = Background(q.close)
+    time.sleep(0.05)
+    producer.put("job")  # taken by the BLMOVE in flight, after close() began
+    closing.result()
+    with pytest.raises(ValueError, match="is closed"):
+        waiting.result()
+    time.sleep(1.2)  # a touch would be due by now
+    assert admin.smembers(q.keys["consumers"]) == set()
+    assert not admin.exists(q.keys["alive"] + q.consumer)
+    assert admin.llen(q.keys["processing"] + q.consumer) == 0
+    delivery = producer.get(timeout=5)
+    assert delivery.value == "job"
+    delivery.ack()
+    client.close()
+
+
+def test_forged_consumer_entry_does_not_stop_recovery(
+    name: str, codec: Codec, queues: Any, admin: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    q = queues(name, codec, visibility_timeout=0.5)
+    keys = q.keys
+    # A writer without the key: an entry whose "processing list" is a string,
+    # sorting before a real consumer that died holding a frame.
+    admin.sadd(keys["consumers"], "a-forged", "z-dead")
+    admin.set(keys["processing"] + "a-forged", "not a list")
+    admin.rpush(keys["processing"] + "z-dead", codec_frame(q, "orphan"))
+    with caplog.at_level(logging.WARNING, logger="signedqueue"):
+        delivery = q.get(timeout=5)
+    assert delivery.value == "orphan"
+    delivery.ack()
+    assert "not a list" in caplog.text
+    assert admin.smembers(keys["consumers"]) == {q.consumer.encode()}
+    assert admin.get(keys["processing"] + "a-forged") == b"not a list"  # left alone
+    for i in range(3):
+        q.put(i)
+    assert [q.get(timeout=5).value for _ in range(3)] == [0, 1, 2]
+
+
+def test_failed_recovery_pass_does_not_fail_get(
+    name: str, codec: Codec, queues: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    q = queues(name, codec, visibility_timeout=0.2)
+    q.put("a")
+    q.client.sadd(q.keys["consumers"], "someone")
+
+    def refused(**kwargs: Any) -> Any:
+        raise redis.ResponseError("WRONGTYPE Operation against a key")
+
+    q._scripts["recover"] = refused
+    with caplog.at_level(logging.WARNING, logger="signedqueue"):
+        assert q.get(timeout=5).value == "a"
+    assert "recovering the frames of stopped consumers failed" in caplog.text
+
+
+def codec_frame(q: Any, value: Any) -> bytes:
+    """A frame of *value* sealed for the queue *q*."""
+    return bytes(q.codec.dumps(value))
+
+
 # -- asyncio -----------------------------------------------------------------
 
 
@@ -823,6 +988,96 @@ def test_async_binds_the_name(names: Callable[[], str], codec: Codec, redis_url:
             assert (await a.get(timeout=5)).value == "for a"
 
     asyncio.run(main())
+
+
+def test_async_cancelled_gets_lose_nothing(
+    name: str, codec: Codec, redis_url: str, admin: Any
+) -> None:
+    count = 300
+    rng = random.Random(1234)
+
+    async def main() -> tuple[list[int], Any]:
+        got: list[int] = []
+        async with AsyncRedisQueue(
+            name, codec, url=redis_url, visibility_timeout=30, heartbeat=True
+        ) as q, AsyncRedisQueue(name, codec, url=redis_url) as producer:
+
+            async def produce() -> None:
+                for i in range(count):
+                    await producer.put(i)
+                    await asyncio.sleep(rng.uniform(0, 0.004))
+
+            task = asyncio.create_task(produce())
+            cancelled = 0
+            while len(got) < count:
+                # Cancelled mid-BLMOVE often: a frame moved whose reply is
+                # lost, which the next get() must find and deliver.
+                producing = not task.done()
+                budget = rng.uniform(0.0005, 0.004) if producing else 3.0
+                try:
+                    delivery = await asyncio.wait_for(q.get(), timeout=budget)
+                except asyncio.TimeoutError:
+                    if not producing:
+                        break  # frames stranded (heartbeat on: until close)
+                    cancelled += 1
+                    continue
+                got.append(delivery.value)
+                await delivery.ack()
+            await task
+            assert cancelled > 10
+            return got, (q.keys["processing"] + q.consumer, dict(q._core.held))
+
+    got, (processing, held) = asyncio.run(main())
+    assert sorted(got) == list(range(count))  # each exactly once
+    assert admin.llen(processing) == 0
+    assert not held
+
+
+def test_async_close_while_another_task_waits_in_get(
+    name: str, codec: Codec, redis_url: str, admin: Any
+) -> None:
+    async def main() -> None:
+        q = AsyncRedisQueue(name, codec, url=redis_url, visibility_timeout=2)
+        async with AsyncRedisQueue(name, codec, url=redis_url) as producer:
+            waiting = asyncio.create_task(q.get())
+            await asyncio.sleep(0.7)
+            closing = asyncio.create_task(q.close())
+            await asyncio.sleep(0.05)
+            await producer.put("job")  # taken by the BLMOVE in flight
+            await closing
+            with pytest.raises(ValueError, match="is closed"):
+                await waiting
+            await asyncio.sleep(1.2)
+            assert admin.smembers(q.keys["consumers"]) == set()
+            assert not admin.exists(q.keys["alive"] + q.consumer)
+            assert admin.llen(q.keys["processing"] + q.consumer) == 0
+            delivery = await producer.get(timeout=5)
+            assert delivery.value == "job"
+            await delivery.ack()
+
+    asyncio.run(main())
+
+
+def test_bad_arguments_make_no_client(
+    name: str, codec: Codec, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made: list[Any] = []
+    for cls in (redis.Redis, aioredis.Redis):
+        real = cls.from_url
+
+        def spy(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            made.append(_real(*args, **kwargs))
+            return made[-1]
+
+        monkeypatch.setattr(cls, "from_url", spy)
+    for queue_class in (RedisQueue, AsyncRedisQueue):
+        with pytest.raises(ValueError):
+            queue_class("a{b", codec, url=redis_url)
+        with pytest.raises(ValueError, match="consumer"):
+            queue_class(name, codec, url=redis_url, consumer="")
+        with pytest.raises(TypeError, match="Codec"):
+            queue_class(name, object(), url=redis_url)  # type: ignore[arg-type]
+    assert made == []
 
 
 # -- key rotation ------------------------------------------------------------

@@ -37,9 +37,9 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import msgpack
 import redis
@@ -70,6 +70,9 @@ logger = logging.getLogger("signedqueue")
 CONTEXT_LABEL = b"signedqueue.transports.redis/v1"
 #: The reason of a dead letter made by ``nack(requeue=False)``.
 NACKED = "nacked"
+#: The reason of a dead letter whose frame verified but could not be loaded
+#: (its ``error`` is the class name of the exception ``loads`` raised).
+LOAD_FAILED = "the frame verified, but loading its payload raised an exception"
 #: Longest a single blocking BLMOVE waits, so that heartbeats and recovery
 #: run while a consumer waits.
 _MAX_SLICE = 1.0
@@ -103,13 +106,20 @@ return 0
 #: KEYS: consumers, ready, then (alive, processing) per consumer.  ARGV:
 #: force ("1" or "0"), then the consumer ids.  Each consumer whose alive key
 #: is gone (or every one, with force) has its processing list moved back to
-#: the consumers' end of ready, oldest frame first, and is unregistered.
+#: the consumers' end of ready, oldest frame first, and is unregistered.  A
+#: member whose processing key is not a list (this module never writes one:
+#: a forged entry) is unregistered and its key left alone.  Returns
+#: {frames moved, members skipped}.
 _RECOVER = """
-local moved = 0
+local moved, skipped = 0, 0
 for i = 2, #ARGV do
   local alive = KEYS[2 * i - 1]
   local processing = KEYS[2 * i]
-  if ARGV[1] == '1' or redis.call('EXISTS', alive) == 0 then
+  local kind = redis.call('TYPE', processing)['ok']
+  if kind ~= 'list' and kind ~= 'none' then
+    redis.call('SREM', KEYS[1], ARGV[i])
+    skipped = skipped + 1
+  elseif ARGV[1] == '1' or redis.call('EXISTS', alive) == 0 then
     while redis.call('LMOVE', processing, KEYS[2], 'LEFT', 'RIGHT') do
       moved = moved + 1
     end
@@ -117,7 +127,7 @@ for i = 2, #ARGV do
     redis.call('SREM', KEYS[1], ARGV[i])
   end
 end
-return moved
+return {moved, skipped}
 """
 
 #: KEYS: dead, ready.  ARGV: record, frame.  Back to the producers' end of
@@ -276,7 +286,8 @@ class DeadLetter:
 
     #: Why: the refusal's ``.reason``, or ``"nacked"``.
     reason: str
-    #: The class name of the refusal (``"InvalidSignature"``, ...), or
+    #: The class name of the refusal (``"InvalidSignature"``, ...) or of
+    #: the exception loading raised (reason :data:`LOAD_FAILED`), or
     #: ``"nacked"``; ``"unreadable"`` for an entry that is not such a record.
     error: str
     #: The queue the frame was taken from.
@@ -359,6 +370,9 @@ class _Core:
         self.recovered = -float("inf")
         self.touch_every = self.visibility_timeout / 4
         self.recover_every = min(max(self.visibility_timeout / 2, 0.05), 5.0)
+        # Longest close() waits for a get() in another thread or task to
+        # notice it: a blocking slice, a retry of the timeout, a margin.
+        self.close_wait = self.timeout + 2 * _MAX_SLICE
 
     def processing_of(self, consumer: str) -> str:
         return self.keys["processing"] + consumer
@@ -374,9 +388,12 @@ class _Core:
 
     # -- state checks
 
+    def closed_error(self) -> ValueError:
+        return ValueError(f"Redis queue {self.name!r} is closed")
+
     def check_usable(self) -> None:
         if self.closed:
-            raise ValueError(f"Redis queue {self.name!r} is closed")
+            raise self.closed_error()
         if os.getpid() != self.pid:
             raise RuntimeError(
                 f"Redis queue {self.name!r} was created in process {self.pid}: "
@@ -423,6 +440,24 @@ class _Core:
                 del self.held[frame]
             if self.listing:
                 self.gone[frame] += 1
+
+    @contextlib.contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Around a command that may move a frame into the processing list
+        and the holding of what it returns: if it is interrupted (a
+        connection error, a cancelled task, KeyboardInterrupt), the frame
+        may be there unheld, so the next take reconciles first."""
+        try:
+            yield
+        except BaseException:
+            self.suspect = True
+            raise
+
+    def drop(self, frame: bytes) -> None:
+        """*frame* was taken and held, but will not be handed over (get()
+        was interrupted): the next take finds it again and delivers it."""
+        self.release(frame)
+        self.suspect = True
 
     def start_listing(self) -> None:
         """The processing list is about to be read for :meth:`reconcile`."""
@@ -473,6 +508,51 @@ class _Core:
             keys += [self.alive_of(c), self.processing_of(c)]
         return keys, ["1" if force else "0", *names]
 
+    def recovered_count(self, reply: Any, own: bool) -> int:
+        """The frames moved, from the recovery script's *reply* (logged)."""
+        moved, skipped = (int(n) for n in reply)
+        if skipped:
+            logger.warning(
+                "signedqueue: Redis queue %r: unregistered %d member(s) of the consumers "
+                "set whose processing key is not a list (not written by signedqueue)",
+                self.name, skipped,
+            )
+        self.log_recovered(moved, own)
+        return moved
+
+    def bury_failed(self, error: TransportError) -> None:
+        logger.error(
+            "signedqueue: Redis queue %r: could not move a refused frame to the "
+            "dead-letter list (%s); it stays in the processing list and is "
+            "looked at again by the next get()", self.name, error,
+        )
+
+    def give_back_failed(self, error: TransportError) -> None:
+        logger.warning(
+            "signedqueue: Redis queue %r: could not put back a frame taken while the "
+            "queue was closing (%s); close() puts it back", self.name, error,
+        )
+
+    def close_wait_failed(self) -> None:
+        logger.warning(
+            "signedqueue: Redis queue %r: a get() still running after %g s; closing "
+            "anyway", self.name, self.close_wait,
+        )
+
+    def close_recovery_failed(self, error: TransportError) -> None:
+        logger.warning(
+            "signedqueue: Redis queue %r: could not put back unacknowledged frames "
+            "on close (%s); they return after the visibility timeout", self.name, error,
+        )
+
+    def recovery_failed(self, exc: Exception) -> None:
+        """A recovery pass inside get() failed: logged, and get() goes on."""
+        logger.warning(
+            "signedqueue: Redis queue %r: recovering the frames of stopped consumers "
+            "failed (%s: %s); trying again in %g s",
+            self.name, type(exc).__name__, exc, self.recover_every,
+        )
+
     def log_recovered(self, moved: int, own: bool) -> None:
         if moved and own:
             logger.info(
@@ -508,12 +588,19 @@ class _Core:
             "use a client with decode_responses=False"
         )
 
-    def dead_record(self, exc: RejectedFrame | None, frame: bytes) -> bytes:
-        """The record prefix for *frame*: the record is prefix + frame."""
+    def dead_record(self, exc: Exception | None, frame: bytes) -> bytes:
+        """The record prefix for *frame* (refused with *exc*, or that could
+        not be loaded; nacked if None): the record is prefix + frame."""
+        if exc is None:
+            reason = error = NACKED
+        else:
+            # Not str(exc) of a load failure: it may quote the payload.
+            reason = exc.reason if isinstance(exc, RejectedFrame) else LOAD_FAILED
+            error = type(exc).__name__
         packed = bytes(msgpack.packb(
             {
-                "reason": NACKED if exc is None else exc.reason,
-                "error": NACKED if exc is None else type(exc).__name__,
+                "reason": reason,
+                "error": error,
                 "queue": self.name,
                 "consumer": self.consumer,
                 "time": time.time(),
@@ -608,6 +695,27 @@ def _checked_client_kwargs(client: Any) -> dict[str, Any]:
             "would turn frames into str; use a client with decode_responses=False"
         )
     return kwargs
+
+
+def _new_core(
+    name: str,
+    codec: Codec,
+    *,
+    consumer: str | None,
+    visibility_timeout: float,
+    timeout: float,
+    bind_name: bool,
+    client_options: Mapping[str, Any] | None,
+) -> _Core:
+    """Check every argument that is not the client, before a client is
+    made (so a bad argument never leaves one behind)."""
+    if client_options is not None and not isinstance(client_options, Mapping):
+        raise TypeError("client_options must be a mapping of keyword arguments")
+    # `where` is known once the client is: set by the caller.
+    return _Core(
+        name, codec, consumer=consumer, visibility_timeout=visibility_timeout,
+        timeout=timeout, bind_name=bind_name, where="",
+    )
 
 
 def _socket_timeout(kwargs: Mapping[str, Any]) -> float | None:
@@ -742,9 +850,11 @@ class RedisQueue(_QueueBase):
                 f"client must be a redis.Redis, not {type(client).__name__} "
                 "(use AsyncRedisQueue for redis.asyncio)"
             )
+        core = _new_core(
+            name, codec, consumer=consumer, visibility_timeout=visibility_timeout,
+            timeout=timeout, bind_name=bind_name, client_options=client_options,
+        )
         if client is None:
-            if client_options is not None and not isinstance(client_options, Mapping):
-                raise TypeError("client_options must be a mapping of keyword arguments")
             client = redis.Redis.from_url(
                 cast(str, url), **_created_options(timeout, client_options)
             )
@@ -753,14 +863,12 @@ class RedisQueue(_QueueBase):
             self._owns_client = False
         try:
             kwargs = _checked_client_kwargs(client)
-            self._core = _Core(
-                name, codec, consumer=consumer, visibility_timeout=visibility_timeout,
-                timeout=timeout, bind_name=bind_name, where=_where(kwargs),
-            )
         except BaseException:
             if self._owns_client:
                 client.close()
             raise
+        core.where = _where(kwargs)
+        self._core = core
         self._client = client
         self._socket_timeout = _socket_timeout(kwargs)
         self._scripts = {k: client.register_script(v) for k, v in _SCRIPTS.items()}
@@ -870,8 +978,12 @@ class RedisQueue(_QueueBase):
             frame = self._take(deadline)
             try:
                 value = core.codec.loads(frame)
-            except RejectedFrame as exc:
+            except Exception as exc:
+                # Refused, or verified but not loadable: dead-lettered.
                 self._bury(exc, frame)
+                raise
+            except BaseException:
+                core.drop(frame)
                 raise
             return Delivery(value, frame, self)
 
@@ -883,11 +995,16 @@ class RedisQueue(_QueueBase):
         core = self._core
         attempts = _Attempts(core.timeout)
         while True:
+            if core.closed:  # by close() in another thread
+                raise core.closed_error()
             try:
                 if core.touch_due() or not core.registered:
                     self._touch()
                 if core.recover_due():
-                    self._recover(force=False)
+                    try:
+                        self._recover(force=False)
+                    except ResponseError as exc:
+                        core.recovery_failed(exc)
                 if core.suspect:
                     core.start_listing()
                     listed = self._client.lrange(core.processing, 0, -1)
@@ -895,42 +1012,59 @@ class RedisQueue(_QueueBase):
                 if core.pending:
                     return core.pending.popleft()
                 wait = core.slice(deadline, self._socket_timeout)
-                if wait > 0:
-                    value = self._client.blmove(core.ready, core.processing, wait, "RIGHT", "LEFT")  # type: ignore[arg-type]
-                else:
-                    value = self._client.lmove(core.ready, core.processing, "RIGHT", "LEFT")
-                attempts = _Attempts(core.timeout)
-                if value is not None:
-                    frame = core.as_frame(value)
-                    core.hold(frame)
-                    return frame
+                # If the move is interrupted (connection error, ^C, ...),
+                # its frame may be in the processing list: the next take
+                # looks there before taking another.
+                with core.in_flight():
+                    if wait > 0:
+                        value = self._client.blmove(
+                            core.ready, core.processing, wait, "RIGHT", "LEFT"  # type: ignore[arg-type]
+                        )
+                    else:
+                        value = self._client.lmove(core.ready, core.processing, "RIGHT", "LEFT")
+                    attempts = _Attempts(core.timeout)
+                    if value is not None:
+                        frame = core.as_frame(value)
+                        if core.closed:
+                            self._give_back(frame)
+                        core.hold(frame)
+                        return frame
                 if wait <= 0:
                     raise queue.Empty
             except _ConnErrors as exc:
-                # A BLMOVE whose reply was lost may have moved a frame into
-                # the processing list: look there before taking another.
                 core.suspect = True
                 time.sleep(core.retry_delay(attempts, "get", exc))
             except ResponseError as exc:
                 raise core.refused_by_redis("get", exc) from exc
 
-    def _bury(self, exc: RejectedFrame, frame: bytes) -> None:
-        """Move a refused frame to the dead-letter list (or leave it to be
-        found again by the next get(), if Redis cannot be reached)."""
+    def _give_back(self, frame: bytes) -> NoReturn:
+        """*frame* was taken after close() began: put it back at the front
+        of the queue and raise (close() puts it back if this fails)."""
         core = self._core
         try:
             self._call(
-                "dead-letter a refused frame", self._script, "dead_letter",
-                [core.processing, core.dead], [frame, core.dead_record(exc, frame)],
+                "give back a frame taken during close", self._script, "requeue",
+                [core.processing, core.ready], [frame],
             )
+        except TransportError as exc:
+            core.give_back_failed(exc)
+        raise core.closed_error()
+
+    def _bury(self, exc: Exception, frame: bytes) -> None:
+        """Move a frame that was refused or could not be loaded to the
+        dead-letter list (or leave it to be found again by the next get(),
+        if Redis cannot be reached or this is interrupted)."""
+        core = self._core
+        try:
+            with core.in_flight():
+                self._call(
+                    "dead-letter a refused frame", self._script, "dead_letter",
+                    [core.processing, core.dead], [frame, core.dead_record(exc, frame)],
+                )
         except TransportError as error:
-            core.suspect = True
-            logger.error(
-                "signedqueue: Redis queue %r: could not move a refused frame to the "
-                "dead-letter list (%s); it stays in the processing list and is "
-                "looked at again by the next get()", core.name, error,
-            )
-        core.release(frame)
+            core.bury_failed(error)
+        finally:
+            core.release(frame)
 
     def _touch(self) -> None:
         core = self._core
@@ -938,6 +1072,10 @@ class RedisQueue(_QueueBase):
         pipe.set(core.alive, core.consumer, px=max(int(core.visibility_timeout * 1000), 1))
         pipe.sadd(core.consumers, core.consumer)
         pipe.execute()
+        if core.closed:
+            # close() ran meanwhile: this must not register it again.
+            self._recover(force=True, only_self=True)
+            raise core.closed_error()
         core.touched = time.monotonic()
         if not core.registered:
             core.registered = True
@@ -952,9 +1090,10 @@ class RedisQueue(_QueueBase):
             try:
                 self.heartbeat()
             except Exception as exc:  # logged; the next beat tries again
-                logger.warning(
-                    "signedqueue: Redis queue %r: heartbeat failed: %s", self._core.name, exc
-                )
+                if not self._core.closed:
+                    logger.warning(
+                        "signedqueue: Redis queue %r: heartbeat failed: %s", self._core.name, exc
+                    )
 
     def _recover(self, force: bool, only_self: bool = False) -> int:
         core = self._core
@@ -963,9 +1102,7 @@ class RedisQueue(_QueueBase):
         plan = core.recovery(members, force, only_self)
         if plan is None:
             return 0
-        moved = int(self._script("recover", *plan))
-        core.log_recovered(moved, only_self)
-        return moved
+        return core.recovered_count(self._script("recover", *plan), only_self)
 
     # -- settling
 
@@ -1089,15 +1226,21 @@ class RedisQueue(_QueueBase):
         self._stop.set()
         if self._beating is not None:
             self._beating.join(5.0)
+        # A get() in another thread sees the flag within a blocking slice
+        # (and gives back a frame it took meanwhile): wait for it, so that
+        # nothing is taken after the frames are put back below, and the
+        # client is not closed under it.
+        waited = self._get_lock.acquire(timeout=core.close_wait)
         try:
+            if not waited:
+                core.close_wait_failed()
             if core.registered and os.getpid() == core.pid:
                 self._call("close", self._recover, True, True)
         except TransportError as exc:
-            logger.warning(
-                "signedqueue: Redis queue %r: could not put back unacknowledged frames "
-                "on close (%s); they return after the visibility timeout", core.name, exc,
-            )
+            core.close_recovery_failed(exc)
         finally:
+            if waited:
+                self._get_lock.release()
             if self._owns_client:
                 self._client.close()
 
@@ -1137,20 +1280,23 @@ class AsyncRedisQueue(_QueueBase):
                 f"client must be a redis.asyncio.Redis, not {type(client).__name__} "
                 "(use RedisQueue for redis.Redis)"
             )
+        core = _new_core(
+            name, codec, consumer=consumer, visibility_timeout=visibility_timeout,
+            timeout=timeout, bind_name=bind_name, client_options=client_options,
+        )
         if client is None:
-            if client_options is not None and not isinstance(client_options, Mapping):
-                raise TypeError("client_options must be a mapping of keyword arguments")
             client = redis.asyncio.Redis.from_url(
                 cast(str, url), **_created_options(timeout, client_options)
             )
             self._owns_client = True
         else:
             self._owns_client = False
+        # A client made from url has not connected yet (redis.asyncio
+        # connects at the first command), so if this raises there is no
+        # connection to close, and none can be awaited here anyway.
         kwargs = _checked_client_kwargs(client)
-        self._core = _Core(
-            name, codec, consumer=consumer, visibility_timeout=visibility_timeout,
-            timeout=timeout, bind_name=bind_name, where=_where(kwargs),
-        )
+        core.where = _where(kwargs)
+        self._core = core
         self._client = client
         self._socket_timeout = _socket_timeout(kwargs)
         self._scripts = {k: client.register_script(v) for k, v in _SCRIPTS.items()}
@@ -1227,8 +1373,11 @@ class AsyncRedisQueue(_QueueBase):
             frame = await self._take(deadline)
             try:
                 value = core.codec.loads(frame)
-            except RejectedFrame as exc:
+            except Exception as exc:
                 await self._bury(exc, frame)
+                raise
+            except BaseException:
+                core.drop(frame)
                 raise
             return AsyncDelivery(value, frame, self)
 
@@ -1241,11 +1390,16 @@ class AsyncRedisQueue(_QueueBase):
         client = self._client
         attempts = _Attempts(core.timeout)
         while True:
+            if core.closed:  # by close() in another task
+                raise core.closed_error()
             try:
                 if core.touch_due() or not core.registered:
                     await self._touch()
                 if core.recover_due():
-                    await self._recover(force=False)
+                    try:
+                        await self._recover(force=False)
+                    except ResponseError as exc:
+                        core.recovery_failed(exc)
                 if core.suspect:
                     core.start_listing()
                     listed = await client.lrange(core.processing, 0, -1)
@@ -1253,15 +1407,22 @@ class AsyncRedisQueue(_QueueBase):
                 if core.pending:
                     return core.pending.popleft()
                 wait = core.slice(deadline, self._socket_timeout)
-                if wait > 0:
-                    value = await client.blmove(core.ready, core.processing, wait, "RIGHT", "LEFT")  # type: ignore[arg-type]
-                else:
-                    value = await client.lmove(core.ready, core.processing, "RIGHT", "LEFT")
-                attempts = _Attempts(core.timeout)
-                if value is not None:
-                    frame = core.as_frame(value)
-                    core.hold(frame)
-                    return frame
+                # A cancelled get() (wait_for, a task timeout) loses the
+                # reply of its move, not the frame: see RedisQueue._take.
+                with core.in_flight():
+                    if wait > 0:
+                        value = await client.blmove(
+                            core.ready, core.processing, wait, "RIGHT", "LEFT"  # type: ignore[arg-type]
+                        )
+                    else:
+                        value = await client.lmove(core.ready, core.processing, "RIGHT", "LEFT")
+                    attempts = _Attempts(core.timeout)
+                    if value is not None:
+                        frame = core.as_frame(value)
+                        if core.closed:
+                            await self._give_back(frame)
+                        core.hold(frame)
+                        return frame
                 if wait <= 0:
                     raise queue.Empty
             except _ConnErrors as exc:
@@ -1270,21 +1431,30 @@ class AsyncRedisQueue(_QueueBase):
             except ResponseError as exc:
                 raise core.refused_by_redis("get", exc) from exc
 
-    async def _bury(self, exc: RejectedFrame, frame: bytes) -> None:
+    async def _bury(self, exc: Exception, frame: bytes) -> None:
+        core = self._core
+        try:
+            with core.in_flight():
+                await self._call(
+                    "dead-letter a refused frame", self._script, "dead_letter",
+                    [core.processing, core.dead], [frame, core.dead_record(exc, frame)],
+                )
+        except TransportError as error:
+            core.bury_failed(error)
+        finally:
+            core.release(frame)
+
+    async def _give_back(self, frame: bytes) -> NoReturn:
+        """See :meth:`RedisQueue._give_back`."""
         core = self._core
         try:
             await self._call(
-                "dead-letter a refused frame", self._script, "dead_letter",
-                [core.processing, core.dead], [frame, core.dead_record(exc, frame)],
+                "give back a frame taken during close", self._script, "requeue",
+                [core.processing, core.ready], [frame],
             )
-        except TransportError as error:
-            core.suspect = True
-            logger.error(
-                "signedqueue: Redis queue %r: could not move a refused frame to the "
-                "dead-letter list (%s); it stays in the processing list and is "
-                "looked at again by the next get()", core.name, error,
-            )
-        core.release(frame)
+        except TransportError as exc:
+            core.give_back_failed(exc)
+        raise core.closed_error()
 
     async def _touch(self) -> None:
         core = self._core
@@ -1292,6 +1462,9 @@ class AsyncRedisQueue(_QueueBase):
         pipe.set(core.alive, core.consumer, px=max(int(core.visibility_timeout * 1000), 1))
         pipe.sadd(core.consumers, core.consumer)
         await pipe.execute()
+        if core.closed:
+            await self._recover(force=True, only_self=True)
+            raise core.closed_error()
         core.touched = time.monotonic()
         if not core.registered:
             core.registered = True
@@ -1306,9 +1479,10 @@ class AsyncRedisQueue(_QueueBase):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # logged; the next beat tries again
-                logger.warning(
-                    "signedqueue: Redis queue %r: heartbeat failed: %s", self._core.name, exc
-                )
+                if not self._core.closed:
+                    logger.warning(
+                        "signedqueue: Redis queue %r: heartbeat failed: %s", self._core.name, exc
+                    )
 
     async def _recover(self, force: bool, only_self: bool = False) -> int:
         core = self._core
@@ -1317,9 +1491,7 @@ class AsyncRedisQueue(_QueueBase):
         plan = core.recovery(members, force, only_self)
         if plan is None:
             return 0
-        moved = int(await self._script("recover", *plan))
-        core.log_recovered(moved, only_self)
-        return moved
+        return core.recovered_count(await self._script("recover", *plan), only_self)
 
     async def ack(self, delivery: AsyncDelivery) -> None:
         """See :meth:`RedisQueue.ack`."""
@@ -1418,15 +1590,22 @@ class AsyncRedisQueue(_QueueBase):
             self._beating.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._beating
+        # As RedisQueue.close(): wait for a get() of another task.
         try:
+            await asyncio.wait_for(self._get_lock.acquire(), core.close_wait)
+            waited = True
+        except asyncio.TimeoutError:
+            waited = False
+        try:
+            if not waited:
+                core.close_wait_failed()
             if core.registered and os.getpid() == core.pid:
                 await self._call("close", self._recover, True, True)
         except TransportError as exc:
-            logger.warning(
-                "signedqueue: Redis queue %r: could not put back unacknowledged frames "
-                "on close (%s); they return after the visibility timeout", core.name, exc,
-            )
+            core.close_recovery_failed(exc)
         finally:
+            if waited:
+                self._get_lock.release()
             if self._owns_client:
                 await self._client.aclose()
 
