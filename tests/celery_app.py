@@ -15,6 +15,8 @@ reach the worker as environment variables (see :func:`environ`):
     ``signedqueue`` (default) or ``json``, Celery's own, for comparison runs.
 ``SIGNEDQUEUE_TEST_CELERY_DLX``
     Optional: a RabbitMQ exchange the queue dead-letters rejected messages to.
+``SIGNEDQUEUE_TEST_CELERY_POOL_RESTARTS``
+    ``1``: set ``worker_pool_restarts`` (the ``pool_restart`` control command).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ QUEUE = "SIGNEDQUEUE_TEST_CELERY_QUEUE"
 KEYRING = "SIGNEDQUEUE_TEST_CELERY_KEYRING"
 SERIALIZER = "SIGNEDQUEUE_TEST_CELERY_SERIALIZER"
 DLX = "SIGNEDQUEUE_TEST_CELERY_DLX"
+POOL_RESTARTS = "SIGNEDQUEUE_TEST_CELERY_POOL_RESTARTS"
 
 #: The classes of this module tasks take and return, and canvas signatures.
 ALLOW = ["celery_app.Point", "celery_app.Order", *CANVAS]
@@ -72,6 +75,7 @@ def environ(
     keyring_path: str | os.PathLike[str],
     serializer: str = "signedqueue",
     dlx: str | None = None,
+    pool_restarts: bool = False,
 ) -> dict[str, str]:
     """The environment variables that describe an app (for the worker)."""
     env = {
@@ -83,6 +87,8 @@ def environ(
     }
     if dlx is not None:
         env[DLX] = dlx
+    if pool_restarts:
+        env[POOL_RESTARTS] = "1"
     return env
 
 
@@ -104,6 +110,10 @@ def make_app(env: Mapping[str, str]) -> Celery:
         result_expires=300,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=True,
+        worker_pool_restarts=env.get(POOL_RESTARTS) == "1",
+        # Remote control of its own: other workers on the broker, with other
+        # keys, never see (and log) this one's control messages.
+        control_exchange=env[QUEUE],
     )
     serializer = env.get(SERIALIZER, "signedqueue")
     if serializer == "signedqueue":

@@ -13,6 +13,7 @@ import contextlib
 import os
 import pickle
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,14 +98,18 @@ def _cleanup(url: str, queue: str, dlq: str | None) -> None:
                 continue
             with contextlib.suppress(Exception):  # already gone
                 channel.queue_delete(name)
-        for exchange in (queue, dlq):  # Celery declares one named after the queue
+        # Celery declares one named after the queue, and the remote control
+        # exchanges are named after it too (control_exchange).
+        pidbox = (f"{queue}.pidbox", f"reply.{queue}.pidbox")
+        for exchange in (queue, dlq, *pidbox):
             if exchange is not None:
                 with contextlib.suppress(Exception):
                     channel.exchange_delete(exchange)
         if url.startswith("redis"):
-            # The routing table kombu keeps for the exchange named after the queue.
+            # The routing tables kombu keeps for those exchanges.
             channel.client.delete(
-                f"_kombu.binding.{queue}", f"_kombu.binding_permanent.{queue}"
+                *(f"_kombu.binding{kind}.{name}" for kind in ("", "_permanent")
+                  for name in (queue, *pidbox))
             )
 
 
@@ -129,7 +134,7 @@ def worker(
         with kombu.Connection(url) as conn:
             exchange = kombu.Exchange(dlq, type="fanout", durable=False)
             kombu.Queue(dlq, exchange, durable=False)(conn.default_channel).declare()
-    env = celery_app.environ(url, backend, queue, ring_path, dlx=dlq)
+    env = celery_app.environ(url, backend, queue, ring_path, dlx=dlq, pool_restarts=True)
     log = directory / "worker.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -179,9 +184,13 @@ def _headers(task: str, task_id: str) -> dict[str, Any]:
     }
 
 
-def _publish(w: Worker, body: bytes, task: str = TOUCH) -> str:
-    """Publish *body* straight to the worker's queue as a task message."""
+def _publish(w: Worker, body: bytes, task: str = TOUCH, **headers: Any) -> str:
+    """
+    Publish *body* straight to the worker's queue as a task message, with
+    *headers* over the usual ones (a value of ``None`` drops a header).
+    """
     task_id = str(uuid.uuid4())
+    sent = {**_headers(task, task_id), **headers}
     with kombu.Connection(w.url) as conn:
         conn.Producer().publish(
             body,
@@ -189,11 +198,18 @@ def _publish(w: Worker, body: bytes, task: str = TOUCH) -> str:
             routing_key=w.queue,
             content_type=CONTENT_TYPE,
             content_encoding="binary",
-            headers=_headers(task, task_id),
+            headers={k: v for k, v in sent.items() if v is not None or k not in headers},
             correlation_id=task_id,
             retry=True,
         )
     return task_id
+
+
+def _refusal(w: Worker, task_id: str) -> str:
+    """The worker's refusal line for *task_id* ("" if there is none)."""
+    return next(
+        (x for x in w.log_text().splitlines() if task_id in x and "signedqueue: refused" in x), ""
+    )
 
 
 def _task_body(path: Path) -> tuple[Any, ...]:
@@ -317,10 +333,135 @@ def test_unknown_tasks_are_rejected_without_logging_the_body(worker: Worker) -> 
     """Celery's own handler for unknown task names is shown no body."""
     marker = f"marker-{uuid.uuid4().hex}"
     frame = worker.serializer.dumps_task(_task_body(worker.canary / marker), "celery_app.nope")
-    task_id = _publish(worker, frame, task="celery_app.nope")
+    # A client writes a repr of the arguments into these headers, as Celery does.
+    task_id = _publish(
+        worker,
+        frame,
+        task="celery_app.nope",
+        argsrepr=f"('{marker}-args',)",
+        kwargsrepr=f"{{'x': '{marker}-kwargs'}}",
+    )
     assert worker.app.tasks["celery_app.add"].delay(1, 2).get(timeout=WAIT) == 3
     log = worker.log_text()
     assert "Received unregistered task of type 'celery_app.nope'" in log
     assert f"<signed body of {len(frame)} bytes, not shown>" in log
+    assert "'argsrepr': '<not shown>', 'kwargsrepr': '<not shown>'" in log
+    assert task_id in log  # the other headers are still shown
     assert marker not in log
     _assert_not_redelivered(worker, [task_id])
+
+
+def test_a_message_frame_without_a_task_header_is_refused(worker: Worker) -> None:
+    """
+    Without a ``task`` header Celery would decode the body itself (protocol
+    1) and take the task name and arguments from it.  Only a message frame
+    opens there, and a worker signs message frames with keys a broker writer
+    chooses (``result_extended`` results carry unsigned stamps): such a frame
+    must not run as a task.
+    """
+    canary = str(worker.canary)
+    bodies = {
+        # A protocol 1 task body, validly signed as a message frame.
+        "no task header": {
+            "task": TOUCH, "id": str(uuid.uuid4()), "args": [canary], "kwargs": {},
+            "retries": 0, "eta": None, "expires": None, "utc": True,
+        },
+    }
+    ids = []
+    for headers in ({"task": None}, {"task": 42}, {"task": [TOUCH]}, {"task": ""}):
+        for body in bodies.values():
+            frame = worker.serializer.dumps_message({**body, "id": str(uuid.uuid4())})
+            ids.append(_publish(worker, frame, **headers))
+    # The same, as a (args, kwargs, embed) tuple.
+    ids.append(_publish(worker, worker.serializer.dumps_message(_task_body(worker.canary)),
+                        task=None))
+    assert worker.app.tasks["celery_app.add"].delay(2, 2).get(timeout=WAIT) == 4
+    assert not worker.canary.exists()
+    for task_id in ids:
+        line = _refusal(worker, task_id)
+        assert "refused task message without a task header" in line, worker.log_text()
+        assert ": MalformedFrame: " in line
+    assert f"Task {TOUCH}[" not in worker.log_text()
+    _assert_not_redelivered(worker, ids)
+
+
+def test_an_empty_body_is_refused(worker: Worker) -> None:
+    """kombu does not call the decoder for an empty body; Celery crashed on it."""
+    task_id = _publish(worker, b"")
+    assert worker.app.tasks["celery_app.add"].delay(3, 3).get(timeout=WAIT) == 6
+    line = _refusal(worker, task_id)
+    assert f"refused task message for {TOUCH}" in line, worker.log_text()
+    assert ": MalformedFrame: the message body is empty" in line
+    assert worker.proc.poll() is None
+    assert "Unrecoverable error" not in worker.log_text()
+    _assert_not_redelivered(worker, [task_id])
+
+
+def test_verification_survives_pool_restart(worker: Worker) -> None:
+    """
+    ``pool_restart`` (``worker_pool_restarts=True``) makes the consumer build
+    every strategy afresh, without running the bootstep again.
+    """
+    node = f"{worker.queue}@{socket.gethostname()}"
+    replies = worker.app.control.pool_restart(destination=[node], reply=True, limit=1, timeout=WAIT)
+    assert replies and "ok" in replies[0][node], replies
+    # Valid tasks still run: the pool is not handed a body it cannot open.
+    assert worker.app.tasks["celery_app.add"].delay(4, 5).get(timeout=WAIT) == 9
+    # And bad ones are still refused.
+    s = worker.serializer
+    bad = {
+        "InvalidSignature": _publish(worker, s.dumps_message(_task_body(worker.canary))),
+        "MalformedFrame": _publish(worker, pickle.dumps(((Canary(str(worker.canary)),), {}, {}))),
+    }
+    assert worker.app.tasks["celery_app.add"].delay(5, 5).get(timeout=WAIT) == 10
+    assert not worker.canary.exists()
+    for name, task_id in bad.items():
+        line = _refusal(worker, task_id)
+        assert f"refused task message for {TOUCH}" in line, worker.log_text()
+        assert f": {name}: " in line
+    _assert_not_redelivered(worker, list(bad.values()))
+
+
+def test_the_strategy_verifies_only_what_it_decodes_itself() -> None:
+    """
+    Behind the handler's check, the strategy wrapper refuses a body Celery
+    decoded (protocol 1), and empty or non-frame bodies, without calling the
+    strategy; it hands a verified body on decoded.
+    """
+    from celery import Celery
+    from kombu.message import Message
+
+    from signedqueue.transports import celery as sqcelery
+
+    content_type = "application/x-signedqueue-unit"
+    serializer = sqcelery.setup(
+        Celery("unit", set_as_current=False),
+        signedqueue.Codec(signedqueue.Keyring.generate(), allow=celery_app.ALLOW),
+        name="signedqueue-unit",
+        content_type=content_type,
+    )
+
+    class Consumer:
+        connection_errors = ()
+
+    handled: list[Any] = []
+    rejected: list[bool] = []
+    strategy = sqcelery._verifying(TOUCH, lambda *a, **k: handled.append(a[0].body), Consumer())
+
+    def deliver(body: Any, decoded: Any = None) -> None:
+        message = Message(
+            body=body, content_type=content_type, content_encoding="binary",
+            headers={"id": "unit"}, delivery_info={"routing_key": "unit"},
+        )
+        strategy(message, decoded, None, lambda _l, _e, requeue: rejected.append(requeue), [])
+
+    proto1 = {"task": TOUCH, "id": "unit", "args": ["x"], "kwargs": {}}
+    deliver(serializer.dumps_message(proto1), decoded=proto1)
+    deliver(b"")
+    deliver("")
+    deliver(None)
+    deliver(serializer.dumps_message(_task_body(Path("x"))))
+    assert handled == []
+    assert rejected == [False] * 5
+    deliver(serializer.dumps_task(_task_body(Path("x")), TOUCH))
+    assert handled == [_task_body(Path("x"))]

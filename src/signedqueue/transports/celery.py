@@ -14,11 +14,14 @@ never the headers that name the task:
   (``after_task_publish`` withdraws it);
 - consuming: a consumer bootstep that runs after Celery's ``Tasks`` step wraps
   every task's strategy (the handler Celery calls for each task message, keyed
-  by the ``task`` header).  The wrapper decodes the body while the expected
-  task name is set, so the tag is checked against the task the message names.
-  A refused message is logged (reason and key id, never the body) and
-  rejected without requeue before Celery sees it.  An accepted one is handed
-  on already decoded, so the pool never decodes it again.
+  by the ``task`` header), again whenever ``update_strategies`` replaces them
+  (``pool_restart``).  The wrapper verifies the raw body as a task frame for
+  the task the message names.  The step also wraps the task message handler,
+  which refuses a message of ours without a ``task`` header: Celery would
+  decode that one itself, as protocol 1, and take the task from the body.  A
+  refused message is logged (reason and key id, never the body) and rejected
+  without requeue before Celery sees it.  An accepted one is handed on
+  already decoded, so the pool never decodes it again.
 
 See ``docs/how-to/celery.md``.
 """
@@ -31,13 +34,13 @@ from typing import Any
 from celery import bootsteps, signals
 
 from .._codec import Codec
-from ..exceptions import RejectedFrame
+from ..exceptions import MalformedFrame, RejectedFrame
 from .kombu import (
     CONTENT_TYPE,
     NAME,
     KombuSerializer,
-    _expected_task,
     _pending_task,
+    _registered_serializer,
     register,
     rejected_cause,
 )
@@ -124,31 +127,106 @@ class VerifyTaskMessages(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def start(self, c: Any) -> None:
         """
-        Wrap every task strategy of consumer *c* (again after a restart), and
-        Celery's handlers for messages it cannot use, which log the body.
+        Wrap, on consumer *c* (again after a restart): every task strategy;
+        ``update_strategies``, so that strategies it makes afresh (on
+        ``pool_restart``) are wrapped too; the task message handler, which
+        refuses our messages that would not reach a strategy as protocol 2
+        task messages; and Celery's handlers for messages it cannot use, which
+        log the body and headers.
         """
-        for task_name, handler in list(c.strategies.items()):
-            if not getattr(handler, "_signedqueue_verifies", False):
-                c.strategies[task_name] = _verifying(task_name, handler, c)
+        _wrap_strategies(c)
+        if not getattr(c.update_strategies, "_signedqueue_verifies", False):
+            c.update_strategies = _rewrapping(c.update_strategies, c)
+        if not getattr(c.create_task_handler, "_signedqueue_verifies", False):
+            c.create_task_handler = _guarding(c.create_task_handler, c)
         for attribute in _BODY_LOGGERS:
             handler = getattr(c, attribute)
             if not getattr(handler, "_signedqueue_verifies", False):
                 setattr(c, attribute, _hiding_body(handler))
 
 
-#: Consumer methods that log (part of) the body of a message they discard:
-#: unknown task names, messages without a task header, invalid messages and
-#: bodies that do not decode.
+#: Consumer methods that log (part of) the body or the headers of a message
+#: they discard: unknown task names, messages without a task header, invalid
+#: messages and bodies that do not decode.
 _BODY_LOGGERS = ("on_unknown_task", "on_unknown_message", "on_invalid_task", "on_decode_error")
+#: Headers a client fills with a repr of the task's arguments (unsigned).
+_ARGUMENT_HEADERS = ("argsrepr", "kwargsrepr")
+_NOT_SHOWN = "<not shown>"
+
+
+def _wrap_strategies(consumer: Any) -> None:
+    """Wrap every strategy of *consumer* not wrapped yet."""
+    for task_name, handler in list(consumer.strategies.items()):
+        if not getattr(handler, "_signedqueue_verifies", False):
+            consumer.strategies[task_name] = _verifying(task_name, handler, consumer)
+
+
+def _rewrapping(update_strategies: Any, consumer: Any) -> Any:
+    """*update_strategies*, then wrap the strategies it put in place."""
+
+    def update_then_wrap(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return update_strategies(*args, **kwargs)
+        finally:
+            _wrap_strategies(consumer)
+
+    update_then_wrap._signedqueue_verifies = True  # type: ignore[attr-defined]
+    return update_then_wrap
+
+
+def _guarding(create_task_handler: Any, consumer: Any) -> Any:
+    """
+    *create_task_handler*, whose handler first refuses a message of ours
+    without a ``task`` header naming the task as a str.
+
+    Celery decodes such a message itself (protocol 1: the task name and
+    arguments would come from the body), before any strategy could verify it
+    as a task frame; only message frames would decode there.  The handler
+    also makes sure the strategy the header names is wrapped, whatever
+    replaced it.
+    """
+
+    def create(*args: Any, **kwargs: Any) -> Any:
+        on_task_received = create_task_handler(*args, **kwargs)
+
+        def guard(message: Any) -> Any:
+            if message.content_type in _content_types:
+                headers = message.headers
+                task_name = headers.get("task") if isinstance(headers, dict) else None
+                if not isinstance(task_name, str) or not task_name:
+                    refused = MalformedFrame("the message has no task header naming a task")
+                    _refuse(consumer, message, message.reject_log_error, None, refused)
+                    return None
+                strategies = consumer.strategies
+                handler = strategies.get(task_name)
+                if handler is not None and not getattr(handler, "_signedqueue_verifies", False):
+                    strategies[task_name] = _verifying(task_name, handler, consumer)
+            return on_task_received(message)
+
+        guard._signedqueue_verifies = True  # type: ignore[attr-defined]
+        return guard
+
+    create._signedqueue_verifies = True  # type: ignore[attr-defined]
+    return create
 
 
 def _hiding_body(handler: Any) -> Any:
-    """*handler*, shown a placeholder instead of the body of our messages."""
+    """
+    *handler*, shown a placeholder instead of the body of our messages, and
+    their headers without the ``argsrepr`` and ``kwargsrepr`` of the task's
+    arguments.
+    """
 
     def hide_body(*args: Any) -> Any:
         message = next((a for a in args if hasattr(a, "delivery_info")), None)
         if message is not None and message.content_type in _content_types:
-            message.body = f"<signed body of {len(message.body)} bytes, not shown>".encode()
+            size = len(message.body) if isinstance(message.body, (bytes, str)) else 0
+            message.body = f"<signed body of {size} bytes, not shown>".encode()
+            if isinstance(message.headers, dict):
+                message.headers = {
+                    key: _NOT_SHOWN if key in _ARGUMENT_HEADERS else value
+                    for key, value in message.headers.items()
+                }
             # on_unknown_message, on_unknown_task and on_invalid_task take
             # the decoded body first, if there is one.
             if args and args[0] is not message:
@@ -159,29 +237,59 @@ def _hiding_body(handler: Any) -> Any:
     return hide_body
 
 
+def _open_task(message: Any, task_name: str) -> Any:
+    """
+    The body of *message*, verified as a task frame for *task_name* and
+    loaded; raises a ``RejectedFrame``.  The raw body is verified here, not
+    through ``message.decode()``: kombu hands an empty body back without
+    calling the decoder.
+    """
+    serializer = _registered_serializer(message.content_type)
+    if serializer is None:
+        raise MalformedFrame("no signedqueue serializer is registered for the content type")
+    raw = message.body
+    if isinstance(raw, str):
+        # As KombuSerializer.loads: a transport that decoded binary as text.
+        try:
+            raw = raw.encode("latin-1")
+        except UnicodeEncodeError:
+            raise MalformedFrame("the message body is not a frame") from None
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise MalformedFrame("the message body is not a frame")
+    if not raw:
+        raise MalformedFrame("the message body is empty")
+    return serializer.loads_task(raw, task_name)
+
+
 def _verifying(task_name: str, handler: Any, consumer: Any) -> Any:
     """A strategy that verifies the body, then calls *handler*."""
 
     def verify_then_handle(
         message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kwargs: Any
     ) -> Any:
-        if body is None and message.content_type in _content_types:
-            token = _expected_task.set(task_name)
+        if message.content_type in _content_types:
             try:
-                payload = message.decode()
+                if body is not None:
+                    # Decoded by Celery (protocol 1, no task header): only a
+                    # message frame decodes there, never a task frame.
+                    raise MalformedFrame("not a protocol 2 task message (no task header)")
+                payload = _open_task(message, task_name)
             except Exception as exc:
                 refused = rejected_cause(exc)
                 if refused is None:
-                    raise
+                    # Refuse rather than let it reach Celery, which would stop
+                    # the worker and have the message redelivered.
+                    refused = MalformedFrame(
+                        f"the body could not be verified ({type(exc).__name__})"
+                    )
                 _refuse(consumer, message, reject, task_name, refused)
                 return None
-            finally:
-                _expected_task.reset(token)
             # Hand the body on decoded, as Celery does for protocol 1
             # messages: the Request takes it from the decode cache and the
             # pool receives the tuple (no content type: trace_task does not
             # decode it again, which it could not, without the task name).
             message.body = payload
+            message._decoded_cache = payload
             message.content_type = None
             message.content_encoding = None
         return handler(message, body, ack, reject, callbacks, **kwargs)
@@ -191,14 +299,16 @@ def _verifying(task_name: str, handler: Any, consumer: Any) -> Any:
 
 
 def _refuse(
-    consumer: Any, message: Any, reject: Any, task_name: str, refused: RejectedFrame
+    consumer: Any, message: Any, reject: Any, task_name: str | None, refused: RejectedFrame
 ) -> None:
     headers = message.headers if isinstance(message.headers, dict) else {}
     delivery = message.delivery_info if isinstance(message.delivery_info, dict) else {}
     logger.error(
-        "signedqueue: refused task message for %s (id %s, routing key %s): "
+        "signedqueue: refused %s (id %s, routing key %s): "
         "%s: %s [key id %s]; rejected without requeue, the task did not run",
-        task_name,
+        "task message without a task header"
+        if task_name is None
+        else f"task message for {task_name}",
         _printable(headers.get("id")),
         _printable(delivery.get("routing_key")),
         type(refused).__name__,

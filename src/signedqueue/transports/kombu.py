@@ -18,9 +18,12 @@ Every frame is one of two kinds, and the kind is bound into its tag:
 A kombu encoder or decoder sees only the body, never the headers that name the
 task.  So the encoder seals a task frame only for the one body object that
 :mod:`signedqueue.transports.celery` announced from Celery's
-``before_task_publish`` signal, and the decoder opens a task frame only while
-the worker-side hook says which task the message names.  Everything else is
-sealed and opened as a message frame.  See ``docs/how-to/celery.md``.
+``before_task_publish`` signal.  The decoder opens a task frame only while a
+task name is expected in the current context; the Celery worker-side hook
+does not go through it, but verifies each task message's raw body with
+:meth:`KombuSerializer.loads_task` for the task its ``task`` header names.
+Everything else is sealed and opened as a message frame.  See
+``docs/how-to/celery.md``.
 
 The context bound into every tag is, with ``L(x)`` the 4-byte big-endian
 length of *x* followed by *x*::
@@ -80,6 +83,9 @@ _pending_task: contextvars.ContextVar[tuple[object, str] | None] = contextvars.C
 _expected_task: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "signedqueue_expected_task", default=None
 )
+#: The serializer :func:`register` last registered for each content type: the
+#: one kombu's registry decodes that content type with.
+_registered: dict[str, KombuSerializer] = {}
 
 
 def _field(value: bytes) -> bytes:
@@ -273,7 +279,13 @@ def register(
         content_type=content_type,
         content_encoding="binary",
     )
+    _registered[content_type] = serializer
     return serializer
+
+
+def _registered_serializer(content_type: str) -> KombuSerializer | None:
+    """The serializer :func:`register` last registered for *content_type*."""
+    return _registered.get(content_type)
 
 
 def rejected_cause(exc: BaseException) -> RejectedFrame | None:
