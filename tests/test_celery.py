@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -165,12 +166,15 @@ def worker(
         _close(app)
         _cleanup(url, queue, dlq)
     assert proc.returncode == 0, w.log_text()
-    # The only tracebacks are those of the task that fails on purpose, and
-    # the one Celery logs for an unknown task name.
-    log = w.log_text()
-    expected = log.count("raised unexpected: ValueError('expected")
-    expected += log.count("Received unregistered task")
-    assert log.count("Traceback") == expected, log
+    # The only log records with tracebacks are those of the task that fails
+    # on purpose, the one Celery logs for an unknown task name, and those it
+    # logs for refused remote control messages (with the body hidden).
+    expected = ("raised unexpected: ValueError('expected", "Received unregistered task",
+                "Can't decode message body")
+    records = re.split(r"\n(?=\[\d{4}-\d\d-\d\d )", w.log_text())
+    unexpected = [r for r in records if "Traceback" in r
+                  and not any(e in r.partition("\n")[0] for e in expected)]
+    assert not unexpected, "\n".join(unexpected)
 
 
 def _headers(task: str, task_id: str) -> dict[str, Any]:
@@ -465,3 +469,54 @@ def test_the_strategy_verifies_only_what_it_decodes_itself() -> None:
     assert rejected == [False] * 5
     deliver(serializer.dumps_task(_task_body(Path("x")), TOUCH))
     assert handled == [_task_body(Path("x"))]
+
+
+def _control_message(w: Worker, body: bytes, content_type: str) -> None:
+    """Publish *body* to the worker's remote control exchange (a broadcast)."""
+    with kombu.Connection(w.url) as conn:
+        exchange = kombu.Exchange(f"{w.queue}.pidbox", type="fanout", durable=False)
+        conn.Producer().publish(
+            body, exchange=exchange, routing_key="", content_type=content_type,
+            content_encoding="binary", headers={"clock": 1}, retry=True,
+        )
+
+
+def test_remote_control_is_signed_and_results_cannot_pass_for_commands(worker: Worker) -> None:
+    """
+    Control commands work, signed under their own content type; a signed
+    result or message frame saying ``shutdown`` is refused by the worker,
+    under either content type, and the worker keeps serving.
+    """
+    from signedqueue.transports.celery import control_content_type
+
+    node = f"{worker.queue}@{socket.gethostname()}"
+    assert worker.app.control.ping(destination=[node], timeout=WAIT) == [{node: {"ok": "pong"}}]
+    shutdown = {"method": "shutdown", "arguments": {}, "destination": None,
+                "pattern": None, "matcher": None}
+    frame = worker.serializer.dumps_message(shutdown)
+    _control_message(worker, frame, CONTENT_TYPE)
+    _control_message(worker, frame, control_content_type(CONTENT_TYPE))
+    # The worker answers a ping sent after them (one control queue, in order).
+    assert worker.app.control.ping(destination=[node], timeout=WAIT) == [{node: {"ok": "pong"}}]
+    assert worker.app.tasks["celery_app.add"].delay(6, 7).get(timeout=WAIT) == 13
+    assert worker.proc.poll() is None
+
+
+def test_setup_gives_remote_control_its_own_serializer(tmp_path: Path) -> None:
+    """Before and after app.control exists, its mailbox signs under the control type only."""
+    from celery import Celery
+
+    from signedqueue.transports.celery import control_content_type, setup
+
+    codec = signedqueue.Codec(signedqueue.Keyring.generate())
+    late = Celery("late", broker="memory://", set_as_current=False)
+    setup(late, codec)
+    early = Celery("early", broker="memory://", set_as_current=False)
+    assert early.control.mailbox.serializer == early.conf.task_serializer
+    setup(early, codec)
+    for app in (late, early):
+        mailbox = app.control.mailbox
+        assert mailbox.serializer == "signedqueue-control"
+        assert mailbox.accept == [control_content_type(CONTENT_TYPE)]
+        assert app.conf.accept_content == [CONTENT_TYPE]
+        app.close()

@@ -32,6 +32,7 @@ import logging
 from typing import Any
 
 from celery import bootsteps, signals
+from kombu.utils.imports import symbol_by_name
 
 from .._codec import Codec
 from ..exceptions import MalformedFrame, RejectedFrame
@@ -45,7 +46,7 @@ from .kombu import (
     rejected_cause,
 )
 
-__all__ = ["CANVAS", "VerifyTaskMessages", "setup"]
+__all__ = ["CANVAS", "VerifyTaskMessages", "control_content_type", "setup"]
 
 #: Allowlist entries task bodies need to carry canvas signatures (chains,
 #: ``link=`` callbacks and errbacks, chords): Celery pickles each signature
@@ -58,6 +59,8 @@ logger = logging.getLogger("signedqueue.celery")
 _DISPATCH_UID = "signedqueue.transports.celery"
 #: Registered content types, for the worker-side hook.
 _content_types: set[str] = set()
+#: Their remote control content types, whose bodies are not logged either.
+_control_types: set[str] = set()
 
 
 def setup(
@@ -69,7 +72,10 @@ def setup(
     Registers the serializer (see :func:`signedqueue.transports.kombu.register`),
     sets ``task_serializer`` and ``result_serializer`` to it and
     ``accept_content`` and ``result_accept_content`` to its content type only,
-    connects the publish hook and adds the worker bootstep.  Call it where the
+    connects the publish hook and adds the worker bootstep.  Remote control
+    messages (``app.control``) get a second serializer, ``<name>-control``
+    with content type ``<content_type>-control``, so that no other frame can
+    pass for a control command.  Call it where the
     app is defined, before the worker starts and before anything is sent.
 
     Raises:
@@ -95,7 +101,46 @@ def setup(
     steps = app.steps["consumer"]
     if VerifyTaskMessages not in steps:
         steps.add(VerifyTaskMessages)
+    _sign_remote_control(app, codec, name, content_type)
     return serializer
+
+
+def control_content_type(content_type: str) -> str:
+    """The content type of remote control messages next to *content_type*."""
+    return content_type + "-control"
+
+
+def _sign_remote_control(app: Any, codec: Codec, name: str, content_type: str) -> None:
+    """
+    Give remote control messages (``app.control``: broadcasts, ping, revoke,
+    shutdown, and the replies) a serializer and content type of their own.
+
+    Celery sends them with ``task_serializer`` and accepts ``accept_content``.
+    With one content type, a worker would take a signed *result* as a control
+    command: results are dicts, kombu's pidbox calls ``dispatch(**body)``, and
+    with ``result_extended`` a result carries keys copied from unsigned
+    headers.  Under their own content type, bound into the tag, a result
+    frame is refused by the control consumer and a control frame by
+    everything else.
+    """
+    control_name, control_type = f"{name}-control", control_content_type(content_type)
+    register(codec, name=control_name, content_type=control_type)
+    _control_types.add(control_type)
+
+    def switch(mailbox: Any) -> None:
+        mailbox.serializer = control_name
+        mailbox.accept = [control_type]
+
+    if "control" in vars(app):  # app.control was made already
+        switch(app.control.mailbox)
+        return
+    base = symbol_by_name(app.control_cls)  # type: ignore[no-untyped-call]
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        base.__init__(self, *args, **kwargs)
+        switch(self.mailbox)
+
+    app.control_cls = type("SignedControl", (base,), {"__init__": __init__})
 
 
 def _before_task_publish(
@@ -125,6 +170,12 @@ class VerifyTaskMessages(bootsteps.StartStopStep):  # type: ignore[misc]
 
     requires = ("celery.worker.consumer.tasks:Tasks",)
 
+    def __init__(self, c: Any, **kwargs: Any) -> None:
+        # Before any step starts: the remote control step hands
+        # c.on_decode_error to its own consumer when it starts.
+        _hide_bodies(c)
+        super().__init__(c, **kwargs)
+
     def start(self, c: Any) -> None:
         """
         Wrap, on consumer *c* (again after a restart): every task strategy;
@@ -139,10 +190,15 @@ class VerifyTaskMessages(bootsteps.StartStopStep):  # type: ignore[misc]
             c.update_strategies = _rewrapping(c.update_strategies, c)
         if not getattr(c.create_task_handler, "_signedqueue_verifies", False):
             c.create_task_handler = _guarding(c.create_task_handler, c)
-        for attribute in _BODY_LOGGERS:
-            handler = getattr(c, attribute)
-            if not getattr(handler, "_signedqueue_verifies", False):
-                setattr(c, attribute, _hiding_body(handler))
+        _hide_bodies(c)
+
+
+def _hide_bodies(consumer: Any) -> None:
+    """Wrap the handlers of *consumer* that would log bodies and arguments."""
+    for attribute in _BODY_LOGGERS:
+        handler = getattr(consumer, attribute)
+        if not getattr(handler, "_signedqueue_verifies", False):
+            setattr(consumer, attribute, _hiding_body(handler))
 
 
 #: Consumer methods that log (part of) the body or the headers of a message
@@ -219,7 +275,9 @@ def _hiding_body(handler: Any) -> Any:
 
     def hide_body(*args: Any) -> Any:
         message = next((a for a in args if hasattr(a, "delivery_info")), None)
-        if message is not None and message.content_type in _content_types:
+        if message is not None and (
+            message.content_type in _content_types or message.content_type in _control_types
+        ):
             size = len(message.body) if isinstance(message.body, (bytes, str)) else 0
             message.body = f"<signed body of {size} bytes, not shown>".encode()
             if isinstance(message.headers, dict):
