@@ -588,6 +588,11 @@ def _build_dtype(unpickler: Any, numpy: Any, inst: Any, state: object) -> None:
     del pending[id(inst)]
     if _uses_pending(unpickler._the_budget(), state):
         raise GuardRefused("a numpy dtype was used before its state was set")
+    # numpy writes version 4 (with datetime metadata) for datetime dtypes and
+    # 3 for the others; a datetime dtype given a version 3 state is left
+    # without metadata and crashes the process (numpy 2.4).
+    if type(state) is tuple and state[:1] != inst.__reduce__()[2][:1]:
+        raise GuardRefused("numpy dtype state is not of the version numpy writes for it")
     expected = _expected_dtype(numpy, state)
     before = (inst.itemsize, inst.flags, inst.hasobject, inst.alignment)
     if (
@@ -715,6 +720,121 @@ _STOP = ord(".")
 _FRAMED = struct.Struct("<2sBQ")  # PROTO n, FRAME, frame length
 
 
+#: The C unpickler of Python versions before gh-115952 trusts sizes a pickle
+#: declares.  Its memo is an array that PUT and LONG_BINPUT grow to twice the
+#: index they name, filled at once: one 5-byte LONG_BINPUT naming index 2**30
+#: makes it fill 16 GiB.  BYTEARRAY8 allocates the length it declares before
+#: reading: the Python unpickler (numpy and dateutil policies) fills it with
+#: zeros, and when the C unpickler's allocation fails CPython frees a
+#: half-made bytearray whose export count was never set (it prints a
+#: SystemError through sys.excepthook).  A pickler numbers memo entries from 0, one per opcode at
+#: most, and its data is in the payload, so real indices and lengths are
+#: below the payload's size.  This matches every LONG_BINPUT naming index
+#: 65536 or more, every PUT whose line may hold five digits or more (int()
+#: also takes blanks, "+" and "_") and every BYTEARRAY8 of 64 KiB or more, and
+#: bytes of data that look like one; only payloads it matches have their
+#: opcodes walked (within_bounds).
+_LARGE_SIZE = re.compile(
+    rb"r[\s\S]{2}(?!\x00\x00)[\s\S]{2}|p[0-9_+\s]{5}|\x96[\s\S]{2}(?!\x00{6})[\s\S]{6}"
+)
+#: Payloads this large are walked without the search first: the search reads
+#: every byte, the walk skips the data of each opcode at once.
+_WALK_AT_ONCE = 64 * 1024
+
+
+def _array_memo() -> bool:
+    """
+    True if this Python's C unpickler grows an array to the index a PUT
+    names (fixed by gh-115952, which keeps sparse indices in a dict and reads
+    large data in chunks).  The probe names index 2**62: an array that large
+    is refused before any allocation (MemoryError); a fixed unpickler loads it.
+    """
+    try:
+        pickle.loads(b"K\x01p4611686018427387904\n.")
+    except Exception:
+        return True
+    return False
+
+
+_ARRAY_MEMO = _array_memo()
+
+# The opcode walk: per opcode byte, the bytes it takes with its argument
+# (> 0), or one of these kinds (<= 0).
+_LEN1, _LEN4, _LEN4S, _LEN8, _LINE, _LINES2, _PUT_LINE, _LONG_PUT, _END, _UNKNOWN = range(
+    0, -10, -1
+)
+_WALK = [_UNKNOWN] * 256
+for _op in pickletools.opcodes:
+    _n = -1 if _op.arg is None else _op.arg.n
+    _WALK[ord(_op.code)] = (
+        1 if _op.arg is None
+        else 1 + _n if _n >= 0
+        else {
+            pickletools.UP_TO_NEWLINE: _LINE,
+            pickletools.TAKEN_FROM_ARGUMENT1: _LEN1,
+            pickletools.TAKEN_FROM_ARGUMENT4: _LEN4S,
+            pickletools.TAKEN_FROM_ARGUMENT4U: _LEN4,
+            pickletools.TAKEN_FROM_ARGUMENT8U: _LEN8,
+        }[_n]
+    )
+_WALK[ord(pickle.GLOBAL)] = _WALK[ord(pickle.INST)] = _LINES2
+_WALK[ord(pickle.PUT)] = _PUT_LINE
+_WALK[ord(pickle.LONG_BINPUT)] = _LONG_PUT
+_WALK[ord(pickle.STOP)] = _END
+_WALK[ord(pickle.FRAME)] = 9  # the frame's opcodes follow its 8-byte length
+
+
+def within_bounds(payload: bytes | bytearray | memoryview) -> bool:
+    """
+    False if a PUT or LONG_BINPUT of *payload* names a memo index beyond its
+    size, or an opcode declares data beyond it (see ``_LARGE_SIZE``), or if
+    its opcodes cannot be walked to its STOP (the unpickler refuses those too).
+    """
+    if not _ARRAY_MEMO:
+        return True
+    if len(payload) < _WALK_AT_ONCE and _LARGE_SIZE.search(payload) is None:
+        return True
+    data = payload if isinstance(payload, bytes) else bytes(payload)
+    size = len(data)
+    walk = _WALK
+    pos = 0
+    try:
+        while True:
+            n = walk[data[pos]]
+            if n > 0:
+                pos += n
+                continue
+            if n == _LEN1:
+                pos += 2 + data[pos + 1]
+            elif n == _LONG_PUT:
+                if int.from_bytes(data[pos + 1 : pos + 5], "little") >= size:
+                    return False
+                pos += 5
+            elif n == _END:
+                return True
+            elif n == _LINE:
+                pos = data.index(b"\n", pos) + 1
+            elif n == _PUT_LINE:
+                end = data.index(b"\n", pos)
+                if not 0 <= int(data[pos + 1 : end]) < size:
+                    return False
+                pos = end + 1
+            elif n == _LINES2:
+                pos = data.index(b"\n", data.index(b"\n", pos) + 1) + 1
+            elif n == _UNKNOWN:
+                return False
+            else:  # a length of 1, 4 or 8 bytes, then that many bytes
+                width = 8 if n == _LEN8 else 4
+                length = int.from_bytes(
+                    data[pos + 1 : pos + 1 + width], "little", signed=n == _LEN4S
+                )
+                if length < 0 or length > size:
+                    return False
+                pos += 1 + width + length
+    except (IndexError, ValueError):  # truncated, or a PUT line that is not a number
+        return False
+
+
 def plain_data(payload: bytes | bytearray | memoryview, protocol: int | None = None) -> bool:
     """
     True if *payload* is one protocol 4+ frame, ending at its STOP, in which
@@ -734,6 +854,7 @@ def plain_data(payload: bytes | bytearray | memoryview, protocol: int | None = N
         and op == 0x95
         and length == size - _FRAMED.size
         and _GLOBAL_OPCODES.search(payload) is None
+        and within_bounds(payload)
     )
 
 
@@ -796,6 +917,8 @@ def restricted_loads(
     turns each into a :class:`~signedqueue.RejectedFrame`.
     """
     size = len(payload)
+    if not within_bounds(payload):
+        raise BudgetExceeded
     file: io.BytesIO | _ViewReader = (
         io.BytesIO(payload) if size < _IN_PLACE else _ViewReader(payload)
     )
