@@ -17,8 +17,10 @@ large frames cross in few system calls.
 from __future__ import annotations
 
 import os
+import select
 import struct
 import sys
+from collections.abc import Callable
 
 from ._frame import KEPT_OF_OVERSIZED
 from ._sealing import Sealing
@@ -113,56 +115,84 @@ def _write_views(fd: int, views: list[memoryview]) -> None:
             views[0] = views[0][written:]
 
 
-def _read_into(fd: int, view: memoryview) -> None:
+#: Milliseconds a reader waits for the rest of a record between calls to its
+#: *stalled* callback.
+STALL_CHECK_MS = 1000
+#: Records at least this long are read watchfully from their first byte on;
+#: shorter ones only once part of them has come (that costs no system call
+#: on the fast path).
+WATCHED = 1 << 16
+
+
+def _read_into(
+    fd: int, view: memoryview, stalled: Callable[[], None] | None = None
+) -> None:
     while len(view):
+        if stalled is not None:
+            # The rest of a record that has begun: while it does not come,
+            # ask *stalled* (which raises if its writer can never finish it).
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            while not poller.poll(STALL_CHECK_MS):
+                stalled()
         n = os.readv(fd, [view])
         if n == 0:
             raise EOFError("the queue's pipe was closed in the middle of a record")
         view = view[n:]
 
 
-def read_record(fd: int, limit: int) -> bytearray | Oversized | SegmentRef:
+def read_record(
+    fd: int, limit: int, stalled: Callable[[], None] | None = None
+) -> bytearray | Oversized | SegmentRef:
     """
     Read one record.  A record longer than *limit* is drained in chunks and
     returned as :class:`Oversized`, so the next record is still readable and
-    memory stays bounded.
+    memory stays bounded.  While the rest of a record is slow to come,
+    *stalled* is called every ``STALL_CHECK_MS`` (it may raise).
     """
     head = os.read(fd, 8)
     if len(head) != 8:
         if not head:
             raise EOFError
         rest = bytearray(8 - len(head))
-        _read_into(fd, memoryview(rest))
+        _read_into(fd, memoryview(rest), stalled)
         head += rest
     (size,) = _unpack(head)
     if size & SEGMENT:
         size &= ~SEGMENT
         if size != _SEGMENT_RECORD.size:
             # Not one of ours: drained, and refused as malformed.
-            return _drain(fd, size, malformed=True)
+            return _drain(fd, size, True, stalled)
         body = bytearray(size)
-        _read_into(fd, memoryview(body))
+        _read_into(fd, memoryview(body), stalled)
         frame_size, inode = _SEGMENT_RECORD.unpack(body)
         return SegmentRef(frame_size, inode, bytes(head) + bytes(body))
     if size > limit:
-        return _drain(fd, size)
+        return _drain(fd, size, False, stalled)
     buf = bytearray(size)
+    if stalled is not None and size >= WATCHED:
+        # A large record's header may have come without its body (the
+        # producer streams the body after it): wait for the body watchfully.
+        _read_into(fd, memoryview(buf), stalled)
+        return buf
     got = os.readv(fd, [buf])
     if got != size:
         if got == 0 and size:
             raise EOFError("the queue's pipe was closed in the middle of a record")
-        _read_into(fd, memoryview(buf)[got:])
+        _read_into(fd, memoryview(buf)[got:], stalled)
     return buf
 
 
-def _drain(fd: int, size: int, malformed: bool = False) -> Oversized:
+def _drain(
+    fd: int, size: int, malformed: bool = False, stalled: Callable[[], None] | None = None
+) -> Oversized:
     """Read and drop a *size*-byte record body, keeping only its start."""
     keep = bytearray(min(size, KEPT_OF_OVERSIZED))
-    _read_into(fd, memoryview(keep))
+    _read_into(fd, memoryview(keep), stalled)
     left = size - len(keep)
     chunk = bytearray(min(left, 1 << 16))
     while left:
         view = memoryview(chunk)[: min(left, len(chunk))]
-        _read_into(fd, view)
+        _read_into(fd, view, stalled)
         left -= len(view)
     return Oversized(size, bytes(keep), malformed)

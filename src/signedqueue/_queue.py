@@ -104,8 +104,8 @@ class SignedQueue:
         self._maxsize = maxsize
         self._reader, self._writer = connection.Pipe(duplex=False)
         _pipe.enlarge_pipe(self._writer.fileno())
-        self._rlock = ctx.Lock()
-        self._wlock = ctx.Lock()
+        self._rlock = _OwnedLock(ctx, "read")
+        self._wlock = _OwnedLock(ctx, "write")
         self._sem = ctx.BoundedSemaphore(maxsize)
         self._opid = os.getpid()
         self._ignore_epipe = False
@@ -212,7 +212,10 @@ class SignedQueue:
 
         Raises ``queue.Empty`` if none arrives in time, and a
         :class:`RejectedFrame` subclass if the next frame is refused (the
-        frame is consumed; the next call returns the next item).
+        frame is consumed; the next call returns the next item).  Raises
+        ``OSError`` with ``errno.EOWNERDEAD`` (within about a second) if a
+        process was killed while holding the queue's read or write lock: the
+        queue cannot be used any more.
         """
         return self._load(self._get_record(block, timeout))
 
@@ -264,26 +267,36 @@ class SignedQueue:
         if self._closed:
             raise ValueError(f"Queue {self!r} is closed")
         limit = self._limit
-        if block and timeout is None:
-            with self._rlock:
-                record = _pipe.read_record(self._rfd, limit)
-                if type(record) is _pipe.SegmentRef:
-                    self._take_fd(record)
-            self._release_slot()
-            return record
+        rlock = self._rlock
         deadline = time.monotonic() + timeout if block and timeout is not None else 0.0
-        if not self._rlock.acquire(block, timeout):
-            raise Empty
-        try:
-            if not self._readable(max(deadline - time.monotonic(), 0.0) if block else 0.0):
+        while True:
+            # The read lock is held only while a record that has begun to
+            # arrive is read, never while waiting for one: a consumer killed
+            # while it waits (an idle consumer's usual state) leaves no lock
+            # behind, so the other consumers are not stuck behind it.
+            if not block:
+                acquired = rlock.acquire(False)
+            elif timeout is None:
+                acquired = rlock.acquire()
+            else:
+                acquired = rlock.acquire(True, max(deadline - time.monotonic(), 0.0))
+            if not acquired:
                 raise Empty
-            record = _pipe.read_record(self._rfd, limit)
-            if type(record) is _pipe.SegmentRef:
-                self._take_fd(record)
-            self._release_slot()
-        finally:
-            self._rlock.release()
-        return record
+            try:
+                if self._readable(0.0):
+                    record = _pipe.read_record(self._rfd, limit, self._wlock.check)
+                    if type(record) is _pipe.SegmentRef:
+                        self._take_fd(record)
+                    self._release_slot()
+                    return record
+            finally:
+                rlock.release()
+            if not block:
+                raise Empty
+            left = None if timeout is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise Empty
+            _wait_readable(self._rfd, left, self._wlock.check)
 
     def _take_fd(self, record: _pipe.SegmentRef) -> None:
         # Under the read lock: records and descriptors are taken in the
@@ -539,6 +552,106 @@ class SignedQueue:
                 logger.error(
                     "signedqueue: feeder thread could not write %d frame(s): %r", lost, exc
                 )
+
+
+def _wait_readable(fd: int, timeout: float | None, stalled: Callable[[], None]) -> None:
+    """
+    Wait until *fd* has data or is closed, or *timeout* seconds pass; call
+    *stalled* (which may raise) every second meanwhile.
+    """
+    # A poll object of its own: the queue's is used only under the read lock.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        wait = _pipe.STALL_CHECK_MS
+        if deadline is not None:
+            wait = min(wait, max(math.ceil((deadline - time.monotonic()) * 1000), 0))
+        if poller.poll(wait) or (deadline is not None and time.monotonic() >= deadline):
+            return
+        stalled()
+
+
+#: Seconds a waiter waits for a lock between looks at whether its holder lives.
+_OWNER_CHECK = 1.0
+
+
+class _OwnedLock:
+    """
+    A process-shared lock that knows which process holds it.
+
+    The queue's locks are semaphores, which the kernel does not release when
+    their holder dies.  A process SIGKILLed while holding one (a producer in
+    the middle of writing a record, a consumer in the middle of reading one)
+    would leave every other process waiting forever; instead, a waiter looks
+    at the holder every second and, if it is dead, raises
+    ``OSError(EOWNERDEAD)``: the queue cannot be used safely any more (the
+    dead process may have left half a record in the pipe, or taken half of
+    one).  A holder killed in the few instructions between taking the lock
+    and recording its pid is not detected.
+    """
+
+    def __init__(self, ctx: BaseContext, what: str) -> None:
+        self._lock = ctx.Lock()
+        self._owner = ctx.RawValue("q", 0)  # pid of the holder, 0 if none
+        self._what = what
+
+    def acquire(self, block: bool = True, timeout: float | None = None) -> bool:
+        lock = self._lock
+        if lock.acquire(False):
+            self._owner.value = os.getpid()
+            return True
+        if not block:
+            return False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = _OWNER_CHECK
+            if deadline is not None:
+                wait = max(min(wait, deadline - time.monotonic()), 0.0)
+            if lock.acquire(True, wait):
+                self._owner.value = os.getpid()
+                return True
+            self.check()
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+
+    def release(self) -> None:
+        self._owner.value = 0
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def check(self) -> None:
+        """Raise ``OSError(EOWNERDEAD)`` if the lock's holder is dead."""
+        pid = self._owner.value
+        if pid and not _alive(pid):
+            raise OSError(
+                errno.EOWNERDEAD,
+                f"process {pid} was killed while holding the queue's {self._what} lock; "
+                "the queue cannot be used any more (replace it)",
+            )
+
+
+def _alive(pid: int) -> bool:
+    """False if process *pid* has exited (a zombie counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[:1] not in ([b"Z"], [b"X"])
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (macOS): ask the kernel
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _is_zero(sem: Any) -> bool:
