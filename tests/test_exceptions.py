@@ -19,6 +19,8 @@ from signedqueue import (
     MalformedFrame,
     RejectedFrame,
     ReplayedFrame,
+    ReplayGuardFull,
+    ReplayGuardUnavailable,
     SignedQueueError,
     UnknownKey,
 )
@@ -35,6 +37,7 @@ REFUSALS: list[tuple[type[RejectedFrame], dict[str, Any]]] = [
     (InvalidSignature, {}),
     (ExpiredFrame, {"age": -61.5}),
     (ReplayedFrame, {}),
+    (ReplayGuardFull, {}),
     (ForbiddenClass, {"names": ["os.system"], "allow_entries": [None]}),
 ]
 IDS = [cls.__name__ for cls, _ in REFUSALS]
@@ -48,8 +51,9 @@ def test_tree() -> None:
     assert not issubclass(KeyringError, RejectedFrame)
     assert not issubclass(SignedQueueError, RejectedFrame)
     for cls, _ in REFUSALS[1:]:
-        assert RejectedFrame in cls.__bases__, cls
-    leaves = [cls for cls, _ in REFUSALS[1:]]
+        parent = ReplayedFrame if cls is ReplayGuardFull else RejectedFrame
+        assert parent in cls.__bases__, cls
+    leaves = [cls for cls, _ in REFUSALS[1:] if cls is not ReplayedFrame]
     for cls in leaves:
         assert [cls] == [other for other in leaves if issubclass(cls, other)], cls
 
@@ -57,7 +61,8 @@ def test_tree() -> None:
 def test_exported() -> None:
     """Every exception class is exported from signedqueue and signedqueue.exceptions."""
     names = {
-        "SignedQueueError", "KeyringError", "TransportError", "BrokerUnavailable"
+        "SignedQueueError", "KeyringError", "TransportError", "BrokerUnavailable",
+        "ReplayGuardUnavailable",
     } | set(IDS)
     assert names == set(signedqueue.exceptions.__all__)
     for name in names:
@@ -73,6 +78,14 @@ def test_transport_errors_are_connection_errors() -> None:
     assert issubclass(TransportError, ConnectionError)
     assert issubclass(TransportError, signedqueue.SignedQueueError)
     assert not issubclass(TransportError, RejectedFrame)
+
+
+def test_replay_guard_unavailable_is_not_a_refusal() -> None:
+    """A failed guard store is a ConnectionError, not a verdict on the frame."""
+    assert issubclass(ReplayGuardUnavailable, ConnectionError)
+    assert issubclass(ReplayGuardUnavailable, SignedQueueError)
+    assert not issubclass(ReplayGuardUnavailable, RejectedFrame)
+    assert issubclass(ReplayGuardFull, ReplayedFrame)
 
 
 @pytest.mark.parametrize(("cls", "kwargs"), REFUSALS, ids=IDS)

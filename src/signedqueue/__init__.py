@@ -22,8 +22,10 @@ from ._codec import (
 from ._config import Config, ConfigError, load_config
 from ._inspect import Inspection, inspect_frame
 from ._keys import KeyInfo, Keyring
+from ._metrics import REFUSAL_REASONS, CodecCounters, prometheus_text
 from ._presets import PRESETS
 from ._queue import SignedJoinableQueue, SignedQueue
+from ._replay import FileReplayGuard, MemoryReplayGuard, RedisReplayGuard, ReplayGuard
 from ._wrap import UnprotectedTransportWarning, WrappedQueue, wrap
 from .exceptions import (
     BrokerUnavailable,
@@ -35,6 +37,8 @@ from .exceptions import (
     MalformedFrame,
     RejectedFrame,
     ReplayedFrame,
+    ReplayGuardFull,
+    ReplayGuardUnavailable,
     SignedQueueError,
     TransportError,
     UnknownKey,
@@ -44,14 +48,17 @@ __all__ = [
     "DEFAULT_CLOCK_SKEW",
     "DEFAULT_MAX_FRAME_SIZE",
     "PRESETS",
+    "REFUSAL_REASONS",
     "Allowlist",
     "AuditModeWarning",
     "AuditReport",
     "BrokerUnavailable",
     "Codec",
+    "CodecCounters",
     "Config",
     "ConfigError",
     "ExpiredFrame",
+    "FileReplayGuard",
     "ForbiddenClass",
     "FrameInfo",
     "FrameTooLarge",
@@ -61,7 +68,12 @@ __all__ = [
     "Keyring",
     "KeyringError",
     "MalformedFrame",
+    "MemoryReplayGuard",
+    "RedisReplayGuard",
     "RejectedFrame",
+    "ReplayGuard",
+    "ReplayGuardFull",
+    "ReplayGuardUnavailable",
     "ReplayedFrame",
     "SignedJoinableQueue",
     "SignedQueue",
@@ -72,6 +84,7 @@ __all__ = [
     "WrappedQueue",
     "inspect_frame",
     "load_config",
+    "prometheus_text",
     "wrap",
 ]
 

@@ -4,7 +4,7 @@ The codec: signs objects into frames and opens frames into objects.
 This is the one place that fixes the order of checks on an incoming frame::
 
     size limit -> strict parse -> key lookup by id -> tag (constant time)
-    -> age -> serializer -> deserialize (restricted)
+    -> age -> serializer -> replay guard (if any) -> deserialize (restricted)
 
 No byte of a payload reaches a deserializer before its tag has verified.
 """
@@ -20,13 +20,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from . import _frame
 from ._allowlist import AllowEntry, Allowlist, Policy, Refusal
 from ._audit import AuditReport, append_sighting
 from ._keys import Keyring
 from ._mac import ALG_HMAC_SHA256, MAC_IDS, MAC_NAMES, TAG_SIZES, MacKey, one_shot
+from ._metrics import REFUSAL_REASONS, CodecCounters, refusal_reason
 from ._msgpack import InvalidFields, UnregisteredClass
 from ._scan import ScanError, pickle_globals
 from ._sealing import Sealing
@@ -44,11 +45,14 @@ from .exceptions import (
     InvalidSignature,
     MalformedFrame,
     RejectedFrame,
+    ReplayedFrame,
+    ReplayGuardUnavailable,
     UnknownKey,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._inspect import Inspection
+    from ._replay import ReplayGuard
 
 __all__ = ["DEFAULT_CLOCK_SKEW", "DEFAULT_MAX_FRAME_SIZE", "Codec", "FrameInfo"]
 
@@ -144,6 +148,16 @@ class Codec:
         accept_macs: The MAC algorithms a frame may be signed with to be
             accepted (default: only *mac*).  List both while a fleet moves
             from one to the other.
+        replay_guard: Refuse a frame already accepted within the replay
+            window (``max_age + clock_skew`` after it was made) with
+            :class:`ReplayedFrame`: a :class:`MemoryReplayGuard` (this
+            process), :class:`FileReplayGuard` (this machine) or
+            ``RedisReplayGuard`` (shared through Redis).  Needs *max_age*.
+            Checked by ``loads`` only, after the tag and age, before
+            deserializing (``unseal``, ``verify``, ``reseal`` and ``inspect``
+            do not consume a frame: they serve to relay or examine it).
+            Shared with child processes only if it pickles as a handle
+            (``FileReplayGuard``; a ``MemoryReplayGuard`` arrives empty).
 
     .. danger::
         ``unsafe_trust_signed_frames`` and ``unsafe_allow_dangerous`` turn
@@ -170,6 +184,7 @@ class Codec:
         clock: Callable[[], float] = time.time,
         mac: str = "hmac-sha256",
         accept_macs: Iterable[str] | None = None,
+        replay_guard: ReplayGuard | None = None,
     ) -> None:
         if not isinstance(keyring, Keyring):
             raise TypeError(f"keyring must be a Keyring, not {type(keyring).__name__}")
@@ -179,6 +194,17 @@ class Codec:
             raise ValueError("max_age must be positive seconds or None")
         if clock_skew < 0:
             raise ValueError("clock_skew must be >= 0")
+        if replay_guard is not None:
+            if not callable(getattr(replay_guard, "check_and_remember", None)):
+                raise TypeError(
+                    "replay_guard must be a replay guard (MemoryReplayGuard, "
+                    f"FileReplayGuard, RedisReplayGuard), not {type(replay_guard).__name__}"
+                )
+            if max_age is None:
+                raise ValueError(
+                    "replay_guard= needs max_age=: a frame is remembered until it "
+                    "expires, so without max_age it would be remembered forever"
+                )
         accept_macs = [mac] if accept_macs is None else list(accept_macs)
         for name in (mac, *accept_macs):
             if name not in MAC_IDS:
@@ -266,6 +292,18 @@ class Codec:
         # restricted unpickler would load: pure data among them loads with
         # pickle.loads (see _unpickler.plain_data).
         self._plain_param = 5 if serializer == "pickle" and policy is not None else -1
+        # Replay protection: frames are remembered for this long after they
+        # were made (see _check_replay).  A RedisQueue consumer's private copy
+        # claims frames for itself (owner) for a lease (see _claiming).
+        self._guard = replay_guard
+        self._window_ms = (self._max_age_ms or 0.0) + self._skew_ms
+        self._replay_owner = ""
+        self._replay_until: Callable[[], float] = _never
+        self._last_replay: tuple[bytes, float] | None = None
+        # Counters: plain ints (see counters()).
+        self._sealed = 0
+        self._opened = 0
+        self._refusals = dict.fromkeys(REFUSAL_REASONS, 0)
         # Everything needed to rebuild this codec in a child process.
         self._options: dict[str, Any] = dict(
             serializer=serializer,
@@ -283,6 +321,7 @@ class Codec:
             clock=clock,
             mac=mac,
             accept_macs=accept_macs,
+            replay_guard=replay_guard,
         )
 
     # -- attributes --------------------------------------------------------
@@ -306,6 +345,24 @@ class Codec:
     def context(self) -> bytes:
         """The bytes bound into every tag (see *context*)."""
         return self._context
+
+    @property
+    def replay_guard(self) -> ReplayGuard | None:
+        """The replay guard, or ``None`` (see *replay_guard*)."""
+        return self._guard
+
+    def counters(self) -> CodecCounters:
+        """
+        What this codec did in this process since it was made: frames sealed,
+        opened (returned by ``loads``/``unseal``) and refused by reason
+        (every method that verifies counts its refusals).
+
+        Plain integer increments, without a lock: exact in one thread; under
+        several threads an increment may rarely be lost (never invented).
+        Codecs made by :meth:`with_context` (e.g. inside a queue) count on
+        their own: read ``queue.codec.counters()``.
+        """
+        return CodecCounters(self._sealed, self._opened, dict(self._refusals))
 
     def with_context(self, context: bytes) -> Codec:
         """
@@ -431,6 +488,7 @@ class Codec:
         if total > self._max_frame_size:
             raise self._too_large(total)
         views = [memoryview(p).cast("B") for p in pieces]
+        self._sealed += 1
         return Sealing(views, self._alg, key, nonce, self._context, self._tag_size)
 
     def seal(self, payload: Buffer) -> bytes:
@@ -463,6 +521,7 @@ class Codec:
         if size + len(header) + self._tag_size > self._max_frame_size:
             raise self._too_large(size + len(header) + self._tag_size)
         body = header + payload
+        self._sealed += 1
         if alg == ALG_HMAC_SHA256:  # one_shot's first case, without its call
             return body + key.hmac(body, self._context)
         return body + one_shot(alg, key, nonce, body, self._context)
@@ -562,16 +621,28 @@ class Codec:
                             self._max_age_ms is None or age_ms <= self._max_age_ms
                         ):
                             payload = view[start:end]
+                            if self._guard is not None:
+                                self._check_replay(key_id, nonce, created_ms)
                             if param == self._plain_param and plain_data(payload, param):
                                 try:
-                                    return pickle.loads(payload)
+                                    value = pickle.loads(payload)
                                 except Exception:  # reported as _deserialize does
-                                    return self._deserialize(param, payload, start)
-                            return self._deserialize(param, payload, start)
+                                    value = self._deserialize(param, payload, start)
+                            else:
+                                value = self._deserialize(param, payload, start)
+                            self._opened += 1
+                            return value
             header, payload = self._open(memoryview(frame))
-            return self._deserialize(header.param, payload, header.payload_start)
+            if self._guard is not None:
+                self._check_replay(header.key_id, header.nonce, header.created_ms)
+            value = self._deserialize(header.param, payload, header.payload_start)
+            self._opened += 1
+            return value
         except RejectedFrame as exc:
             raise self._refused(exc, frame) from None
+        except ReplayGuardUnavailable as exc:
+            self._guard_failed(exc)
+            raise
 
     def unseal(self, frame: Buffer) -> bytes:
         """
@@ -579,9 +650,56 @@ class Codec:
         """
         try:
             _, payload = self._open(frame)
+            self._opened += 1
             return bytes(payload)
         except RejectedFrame as exc:
             raise self._refused(exc, frame) from None
+
+    def _check_replay(self, key_id: bytes, nonce: bytes, created_ms: int) -> None:
+        """
+        Refuse a frame whose (key id, nonce) the guard already remembers, and
+        have it remembered until ``created + max_age + clock_skew``.
+
+        Forgetting it then is safe: from that instant every consumer whose
+        clock is at most ``clock_skew`` behind the guard's refuses the frame
+        as expired (its age is over max_age) before asking the guard.
+        """
+        guard = cast("ReplayGuard", self._guard)
+        key = bytes((len(key_id),)) + key_id + nonce
+        expires_at = (created_ms + self._window_ms) / 1000.0
+        owner = self._replay_owner
+        until = expires_at
+        if owner:  # a RedisQueue consumer: held for a lease, renewed while held
+            until = min(expires_at, self._replay_until())
+        try:
+            fresh = guard.check_and_remember(key, until, owner)
+        except (RejectedFrame, ReplayGuardUnavailable):
+            raise
+        except Exception as exc:  # an unknown guard's error: fail closed
+            raise ReplayGuardUnavailable(
+                f"replay guard {type(guard).__name__} failed ({type(exc).__name__}); "
+                "the frame was not accepted"
+            ) from exc
+        if not fresh:
+            raise ReplayedFrame(
+                "frame was already accepted within the replay window (same key id "
+                "and nonce)" + (", or another consumer is processing it" if owner else "")
+                + ": refused as a replay"
+            )
+        self._last_replay = (key, expires_at)
+
+    def _guard_failed(self, exc: ReplayGuardUnavailable) -> None:
+        self._refusals["replay_guard_unavailable"] += 1
+        logger.warning("signedqueue: frame not accepted: %s", exc)
+
+    def _claiming(self, owner: str, until: Callable[[], float]) -> Codec:
+        """A private copy whose replay checks hold frames for *owner* until
+        ``until()`` (a lease its holder renews) instead of the whole window,
+        so that a frame redelivered after its holder died is accepted."""
+        codec = self.with_context(self._context)
+        codec._replay_owner = owner
+        codec._replay_until = until
+        return codec
 
     def _open(self, frame: Buffer) -> tuple[_frame.Header, memoryview]:
         view = memoryview(frame)
@@ -758,6 +876,7 @@ class Codec:
         if isinstance(exc, FrameTooLarge):
             view = view[: _frame.KEPT_OF_OVERSIZED]
         exc.frame = raw = bytes(view)
+        self._refusals[refusal_reason(exc)] += 1
         if exc.key_id is None:
             exc.key_id = _frame.peek_key_id(raw)
         logger.warning(
@@ -768,6 +887,10 @@ class Codec:
             exc.size if isinstance(exc, FrameTooLarge) else len(raw),
         )
         return exc
+
+
+def _never() -> float:
+    return float("inf")
 
 
 def _random_nonce() -> bytes:

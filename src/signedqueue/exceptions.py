@@ -10,6 +10,9 @@ The tree::
     │   │                       ConnectionError); nothing was lost
     │   └── BrokerUnavailable   the broker did not answer within the
     │                           configured timeout
+    ├── ReplayGuardUnavailable  the replay guard's store (Redis, SQLite)
+    │                           failed: the frame was not accepted (also a
+    │                           ConnectionError)
     └── RejectedFrame           an incoming frame was refused (.frame, .reason)
         ├── FrameTooLarge       larger than max_frame_size; nothing was hashed
         ├── MalformedFrame      not a well-formed v1 frame, or a payload the
@@ -17,8 +20,10 @@ The tree::
         ├── UnknownKey          signed with a key id the keyring does not hold
         ├── InvalidSignature    the tag does not match: tampered or wrong key
         ├── ExpiredFrame        older than max_age, or dated in the future
-        ├── ReplayedFrame       reserved: a frame already seen (replay
-        │                       protection; nothing raises it yet)
+        ├── ReplayedFrame       a frame already accepted within the replay
+        │   │                   window (codec built with replay_guard=)
+        │   └── ReplayGuardFull the replay guard is full: the frame could
+        │                       not be remembered, so it is refused
         └── ForbiddenClass      a verified payload names a global or class
                                 the policy refuses, or changes one it named
 
@@ -40,6 +45,8 @@ __all__ = [
     "KeyringError",
     "MalformedFrame",
     "RejectedFrame",
+    "ReplayGuardFull",
+    "ReplayGuardUnavailable",
     "ReplayedFrame",
     "SignedQueueError",
     "TransportError",
@@ -203,11 +210,34 @@ class ExpiredFrame(RejectedFrame):
 
 class ReplayedFrame(RejectedFrame):
     """
-    A frame with this nonce was already accepted within the replay window.
+    A frame with this key id and nonce was already accepted within the replay
+    window (raised by a codec built with ``replay_guard=``; see
+    docs/how-to/replay-protection.md).
 
-    Reserved for replay protection, which this version does not offer yet:
-    nothing raises it today.  It is part of the tree so that handlers written
-    now (``except RejectedFrame``) already cover it.
+    Raised after the tag and age checks and before anything is deserialized,
+    so the frame is authentic: someone delivered it again.  In a
+    :class:`~signedqueue.transports.redis.RedisQueue` it is also raised for a
+    frame that another live consumer is processing.
+    """
+
+
+class ReplayGuardFull(ReplayedFrame):
+    """
+    The replay guard holds its maximum number of remembered frames (none of
+    them expired), so this frame could not be remembered and is refused
+    rather than risk accepting it twice (fail closed).  Raise the guard's
+    ``max_entries`` or lower ``max_age``.
+    """
+
+
+class ReplayGuardUnavailable(SignedQueueError, ConnectionError):
+    """
+    The replay guard's store (Redis for ``RedisReplayGuard``, the SQLite file
+    for ``FileReplayGuard``) could not be read or written, so a verified frame
+    could not be checked for replay and was not returned (fail closed).  The
+    original error is chained as ``__cause__``; the message never contains
+    frame bytes or key material.  A :class:`RedisQueue` leaves the frame in
+    its processing list, so it is delivered again.
     """
 
 

@@ -19,6 +19,13 @@ returns the next frame.
 The queue's name is bound into the context of every tag by default, so a
 frame copied from one queue into another is refused.
 
+With a codec built with ``replay_guard=``, each frame taken is held in the
+guard for its consumer until the consumer's alive key would expire (renewed
+with it), marked done on ``ack()`` and forgotten on ``nack()``, dead-lettering
+and ``close()``: a frame redelivered after its consumer died is accepted, a
+copy of a frame being processed or acknowledged is refused as
+:class:`~signedqueue.ReplayedFrame` (see docs/how-to/replay-protection.md).
+
 Everything that is not I/O (key names, scripts, the bound context, the
 dead-letter records, the bookkeeping of frames held, the retry policy) lives
 in :class:`_Core`, shared by the two classes; they differ only in how they
@@ -51,7 +58,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from .._codec import Buffer, Codec
-from ..exceptions import BrokerUnavailable, RejectedFrame, TransportError
+from ..exceptions import (
+    BrokerUnavailable,
+    RejectedFrame,
+    ReplayedFrame,
+    ReplayGuardUnavailable,
+    TransportError,
+)
 
 __all__ = [
     "CONTEXT_LABEL",
@@ -341,6 +354,21 @@ class _Core:
         self.consumer = consumer
         self.codec = codec.with_context(bound_context(codec.context, name)) if bind_name else codec
         self.visibility_timeout = float(visibility_timeout)
+        # Replay protection (a codec with replay_guard=): a frame is held
+        # in the guard for this consumer until its alive key would expire
+        # (renewed by every touch), marked done on ack, forgotten on nack,
+        # dead-lettering and close; see docs/how-to/replay-protection.md.
+        self.guard = self.codec.replay_guard
+        self.claims: dict[bytes, tuple[bytes, float]] = {}
+        self.lease_until = -float("inf")
+        if self.guard is not None:
+            if not callable(getattr(self.guard, "update", None)):
+                raise TypeError(
+                    f"the codec's replay guard ({type(self.guard).__name__}) has no "
+                    "update() method, which a RedisQueue needs to hold frames while "
+                    "they are processed (see the ReplayGuard protocol)"
+                )
+            self.codec = self.codec._claiming(consumer, lambda: self.lease_until)
         self.timeout = float(timeout)
         self.where = where
         self.ready = self.keys["ready"]
@@ -376,6 +404,81 @@ class _Core:
 
     def processing_of(self, consumer: str) -> str:
         return self.keys["processing"] + consumer
+
+    # -- replay guard
+
+    def start_touch(self) -> None:
+        """Before the alive key is set: renew the leases of held frames
+        (so they never outlive the alive key)."""
+        if self.guard is None:
+            return
+        self.lease_until = until = self.codec._clock() + self.visibility_timeout
+        try:
+            for key, expires_at in list(self.claims.values()):
+                self.guard.update(key, self.consumer, min(until, expires_at), done=False)
+        except ReplayGuardUnavailable as exc:
+            # The alive key is refreshed all the same: failing here would
+            # have other consumers process these frames a second time.
+            # The leases may lapse; ack() still marks a lapsed frame done.
+            logger.warning(
+                "signedqueue: Redis queue %r: could not renew the replay guard's "
+                "hold on %d frame(s) being processed: %s", self.name, len(self.claims), exc,
+            )
+
+    def check_not_held(self, frame: bytes) -> None:
+        """Before loads(): a copy of a frame this consumer is processing is a
+        replay (the guard would accept it: it is held by this same owner,
+        which it allows for a frame found again in its own processing list)."""
+        self.codec._last_replay = None
+        if frame in self.claims:
+            raise self.codec._refused(
+                ReplayedFrame(
+                    "frame is a copy of one this consumer is processing: refused "
+                    "as a replay"
+                ),
+                frame,
+            )
+
+    def claimed(self, frame: bytes) -> None:
+        """*frame* was accepted: keep its replay key while it is held."""
+        claim = self.codec._last_replay
+        if claim is not None:
+            self.codec._last_replay = None
+            self.claims[frame] = claim
+
+    def unclaim_refused(self) -> None:
+        """loads() raised after the guard accepted the frame (it could not
+        be deserialized): forget it, so a requeued dead letter is accepted."""
+        claim = self.codec._last_replay
+        self.codec._last_replay = None
+        if claim is not None and self.guard is not None:
+            try:
+                self.guard.update(claim[0], self.consumer, 0.0, done=False)
+            except ReplayGuardUnavailable as exc:
+                logger.warning("signedqueue: Redis queue %r: %s", self.name, exc)
+
+    def settle_claim(self, frame: bytes, done: bool) -> None:
+        """Mark *frame* done in the guard until its window ends (ack), or
+        forget it (nack, close).  Raises ReplayGuardUnavailable."""
+        claim = self.claims.get(frame)
+        if claim is None or self.guard is None:
+            return
+        key, expires_at = claim
+        self.guard.update(key, self.consumer, expires_at if done else 0.0, done=done)
+        self.claims.pop(frame, None)
+
+    def forget_claims(self) -> None:
+        """At close, before this consumer's frames are put back."""
+        for frame in list(self.claims):
+            try:
+                self.settle_claim(frame, done=False)
+            except ReplayGuardUnavailable as exc:
+                logger.warning(
+                    "signedqueue: Redis queue %r: %s; frames put back on close are "
+                    "refused as replays (and dead-lettered) until their lease ends "
+                    "(visibility timeout %g s)", self.name, exc, self.visibility_timeout,
+                )
+                return
 
     def alive_of(self, consumer: str) -> str:
         return self.keys["alive"] + consumer
@@ -977,14 +1080,21 @@ class RedisQueue(_QueueBase):
         with self._get_lock:
             frame = self._take(deadline)
             try:
+                core.check_not_held(frame)
                 value = core.codec.loads(frame)
+            except ReplayGuardUnavailable:
+                # Not checked: left in the processing list, delivered again.
+                core.drop(frame)
+                raise
             except Exception as exc:
                 # Refused, or verified but not loadable: dead-lettered.
+                core.unclaim_refused()
                 self._bury(exc, frame)
                 raise
             except BaseException:
                 core.drop(frame)
                 raise
+            core.claimed(frame)
             return Delivery(value, frame, self)
 
     def get_nowait(self) -> Delivery:
@@ -1068,6 +1178,7 @@ class RedisQueue(_QueueBase):
 
     def _touch(self) -> None:
         core = self._core
+        core.start_touch()
         pipe = self._client.pipeline(transaction=False)
         pipe.set(core.alive, core.consumer, px=max(int(core.visibility_timeout * 1000), 1))
         pipe.sadd(core.consumers, core.consumer)
@@ -1117,6 +1228,7 @@ class RedisQueue(_QueueBase):
         core.check_usable()
         if not core.settle(delivery, self, "acked"):
             return
+        core.settle_claim(delivery.frame, done=True)
         attempts = _Attempts(core.timeout)
         removed = self._call(
             "ack", self._client.lrem, core.processing, 1, delivery.frame, attempts=attempts
@@ -1143,6 +1255,7 @@ class RedisQueue(_QueueBase):
         core = self._core
         core.check_usable()
         core.settle(delivery, self, "nacked")
+        core.settle_claim(delivery.frame, done=False)
         if requeue:
             self._call(
                 "nack", self._script, "requeue", [core.processing, core.ready], [delivery.frame]
@@ -1235,6 +1348,7 @@ class RedisQueue(_QueueBase):
             if not waited:
                 core.close_wait_failed()
             if core.registered and os.getpid() == core.pid:
+                core.forget_claims()
                 self._call("close", self._recover, True, True)
         except TransportError as exc:
             core.close_recovery_failed(exc)
@@ -1372,13 +1486,19 @@ class AsyncRedisQueue(_QueueBase):
         async with self._get_lock:
             frame = await self._take(deadline)
             try:
+                core.check_not_held(frame)
                 value = core.codec.loads(frame)
+            except ReplayGuardUnavailable:
+                core.drop(frame)
+                raise
             except Exception as exc:
+                core.unclaim_refused()
                 await self._bury(exc, frame)
                 raise
             except BaseException:
                 core.drop(frame)
                 raise
+            core.claimed(frame)
             return AsyncDelivery(value, frame, self)
 
     async def get_nowait(self) -> AsyncDelivery:
@@ -1458,6 +1578,7 @@ class AsyncRedisQueue(_QueueBase):
 
     async def _touch(self) -> None:
         core = self._core
+        core.start_touch()
         pipe = self._client.pipeline(transaction=False)
         pipe.set(core.alive, core.consumer, px=max(int(core.visibility_timeout * 1000), 1))
         pipe.sadd(core.consumers, core.consumer)
@@ -1499,6 +1620,7 @@ class AsyncRedisQueue(_QueueBase):
         core.check_usable()
         if not core.settle(delivery, self, "acked"):
             return
+        core.settle_claim(delivery.frame, done=True)
         attempts = _Attempts(core.timeout)
         removed = await self._call(
             "ack", self._client.lrem, core.processing, 1, delivery.frame, attempts=attempts
@@ -1519,6 +1641,7 @@ class AsyncRedisQueue(_QueueBase):
         core = self._core
         core.check_usable()
         core.settle(delivery, self, "nacked")
+        core.settle_claim(delivery.frame, done=False)
         if requeue:
             await self._call(
                 "nack", self._script, "requeue", [core.processing, core.ready], [delivery.frame]
@@ -1600,6 +1723,7 @@ class AsyncRedisQueue(_QueueBase):
             if not waited:
                 core.close_wait_failed()
             if core.registered and os.getpid() == core.pid:
+                core.forget_claims()
                 await self._call("close", self._recover, True, True)
         except TransportError as exc:
             core.close_recovery_failed(exc)
