@@ -681,6 +681,20 @@ class _Core:
 
     # -- frames taken
 
+    def acked(self, delivery: _BaseDelivery, removed: int, attempts: _Attempts) -> None:
+        """Record an ack whose LREM removed *removed* frames."""
+        delivery._state = "acked"
+        self.release(delivery.frame)
+        # (After a retry, 0 may mean that the first attempt removed it.)
+        if not removed and not attempts.failures:
+            logger.warning(
+                "signedqueue: Redis queue %r: an acknowledged frame was no longer in "
+                "the processing list of consumer %r: it was put back after the "
+                "visibility timeout (%g s) and may be processed twice; raise "
+                "visibility_timeout or turn heartbeat on",
+                self.name, self.consumer, self.visibility_timeout,
+            )
+
     def as_frame(self, value: object) -> bytes:
         if isinstance(value, bytes):
             return value
@@ -1233,17 +1247,7 @@ class RedisQueue(_QueueBase):
         removed = self._call(
             "ack", self._client.lrem, core.processing, 1, delivery.frame, attempts=attempts
         )
-        delivery._state = "acked"
-        core.release(delivery.frame)
-        # (After a retry, 0 may mean that the first attempt removed it.)
-        if not removed and not attempts.failures:
-            logger.warning(
-                "signedqueue: Redis queue %r: an acknowledged frame was no longer in "
-                "the processing list of consumer %r: it was put back after the "
-                "visibility timeout (%g s) and may be processed twice; raise "
-                "visibility_timeout or turn heartbeat on",
-                core.name, core.consumer, core.visibility_timeout,
-            )
+        core.acked(delivery, removed, attempts)
 
     def nack(self, delivery: Delivery, requeue: bool = True) -> None:
         """
@@ -1625,16 +1629,7 @@ class AsyncRedisQueue(_QueueBase):
         removed = await self._call(
             "ack", self._client.lrem, core.processing, 1, delivery.frame, attempts=attempts
         )
-        delivery._state = "acked"
-        core.release(delivery.frame)
-        if not removed and not attempts.failures:
-            logger.warning(
-                "signedqueue: Redis queue %r: an acknowledged frame was no longer in "
-                "the processing list of consumer %r: it was put back after the "
-                "visibility timeout (%g s) and may be processed twice; raise "
-                "visibility_timeout or turn heartbeat on",
-                core.name, core.consumer, core.visibility_timeout,
-            )
+        core.acked(delivery, removed, attempts)
 
     async def nack(self, delivery: AsyncDelivery, requeue: bool = True) -> None:
         """See :meth:`RedisQueue.nack`."""
