@@ -442,3 +442,52 @@ def test_a_consumer_killed_mid_record_makes_get_raise_eownerdead() -> None:
     finally:
         producer.kill()
         producer.join()
+
+
+def test_a_dead_pid_left_on_a_free_lock_is_not_reported() -> None:
+    """
+    A holder that released the lock and exited between the waiter's two
+    looks (pid read, liveness check) is not a dead holder: no EOWNERDEAD
+    while the lock is free; EOWNERDEAD once it is really held by the dead.
+    """
+    from signedqueue._queue import _OwnedLock
+
+    ctx = multiprocessing.get_context("fork")
+    lock = _OwnedLock(ctx, "read")
+    child = ctx.Process(target=os._exit, args=(0,))
+    child.start()
+    child.join()
+    assert child.pid is not None
+    lock._owner.value = child.pid  # as if it exited right after releasing
+    lock.check()  # the lock is free: nothing to report
+    assert lock.acquire(timeout=1)
+    lock.release()
+    lock._lock.acquire()  # now really held, by a holder recorded as dead
+    lock._owner.value = child.pid
+    with pytest.raises(OSError) as info:
+        lock.check()
+    assert info.value.errno == errno.EOWNERDEAD
+    lock._lock.release()
+
+
+def test_a_live_process_hidden_from_proc_is_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With /proc entries hidden (hidepid), liveness falls back to the kernel."""
+    import builtins
+
+    from signedqueue import _queue
+
+    real_open = builtins.open
+
+    def hiding(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if str(path).startswith("/proc/"):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", hiding)
+    assert _queue._alive(os.getpid())
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=os._exit, args=(0,))
+    child.start()
+    child.join()
+    assert child.pid is not None
+    assert not _queue._alive(child.pid)

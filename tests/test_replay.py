@@ -309,7 +309,7 @@ def test_redis_guard_shared_by_two_codecs(ring: Keyring, redis_guard: Any) -> No
     guard = a.replay_guard
     assert isinstance(guard, RedisReplayGuard)
     [key] = guard.client.keys(guard.prefix + "*")
-    assert 85_000 < guard.client.pttl(key) <= 90_000  # 30 s + 60 s skew
+    assert 86_000 < guard.client.pttl(key) <= 91_000  # 30 s + 60 s skew + 1 s margin
 
 
 def test_redis_guard_concurrent_duplicates(ring: Keyring, redis_guard: Any) -> None:
@@ -579,3 +579,24 @@ def test_guard_protocol_semantics(any_guard: Any, clock: Any) -> None:
     g.update(b"k4", "a", clock() + 60, done=False)
     g.update(b"k4", "a", clock() + 60, done=True)
     assert g.check_and_remember(b"k4", clock() + 10, "b") is False
+
+
+@pytest.mark.parametrize("kind", ["memory", "file"])
+def test_replay_at_the_last_accepted_instant_is_refused(
+    ring: Keyring, tmp_path: Path, clock: Any, kind: str
+) -> None:
+    """
+    With clock_skew=0 a frame is still accepted when its age equals max_age;
+    the guard must still remember it then, so its replay is refused.
+    """
+    guard: Any = (MemoryReplayGuard(clock=clock) if kind == "memory"
+                  else FileReplayGuard(tmp_path / "guard.db", clock=clock))
+    codec = Codec(ring, max_age=10, clock_skew=0, clock=clock, replay_guard=guard)
+    frame = codec.dumps("x")
+    clock.advance(10)  # age == max_age: the last instant it is accepted
+    assert codec.loads(frame) == "x"
+    with pytest.raises(ReplayedFrame):
+        codec.loads(frame)
+    clock.advance(0.001)
+    with pytest.raises(ExpiredFrame):
+        codec.loads(frame)

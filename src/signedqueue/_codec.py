@@ -296,7 +296,10 @@ class Codec:
         # were made (see _check_replay).  A RedisQueue consumer's private copy
         # claims frames for itself (owner) for a lease (see _claiming).
         self._guard = replay_guard
-        self._window_ms = (self._max_age_ms or 0.0) + self._skew_ms
+        # One second more than the last instant a frame is still accepted
+        # (age == max_age is accepted), so that a guard whose entry lapses
+        # at that boundary, or rounds its expiry down, never reopens it.
+        self._window_ms = (self._max_age_ms or 0.0) + self._skew_ms + 1000.0
         self._replay_owner = ""
         self._replay_until: Callable[[], float] = _never
         self._last_replay: tuple[bytes, float] | None = None

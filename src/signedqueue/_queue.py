@@ -628,7 +628,12 @@ class _OwnedLock:
     def check(self) -> None:
         """Raise ``OSError(EOWNERDEAD)`` if the lock's holder is dead."""
         pid = self._owner.value
-        if pid and not _alive(pid):
+        if pid and not _alive(pid) and self._owner.value == pid:
+            # Still recorded after the check, so it did not release the lock
+            # and exit in between; and the lock is indeed still held.
+            if self._lock.acquire(False):
+                self._lock.release()
+                return
             raise OSError(
                 errno.EOWNERDEAD,
                 f"process {pid} was killed while holding the queue's {self._what} lock; "
@@ -641,9 +646,7 @@ def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
             return stat.read().rpartition(b")")[2].split()[:1] not in ([b"Z"], [b"X"])
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc (macOS): ask the kernel
+    except OSError:  # no /proc (macOS), or its entry hidden (hidepid): ask the kernel
         pass
     try:
         os.kill(pid, 0)

@@ -27,6 +27,7 @@ unchecked.
 from __future__ import annotations
 
 import heapq
+import math
 import os
 import sqlite3
 import threading
@@ -385,7 +386,8 @@ class RedisReplayGuard:
         return f"<RedisReplayGuard prefix={self.prefix!r}>"
 
     def _ms(self, expires_at: float) -> int:
-        return int((expires_at - self._clock()) * 1000)
+        # Rounded up: forgetting a key early would reopen the window.
+        return math.ceil((expires_at - self._clock()) * 1000)
 
     def _unavailable(self, exc: BaseException) -> ReplayGuardUnavailable:
         return ReplayGuardUnavailable(
