@@ -96,25 +96,29 @@ _ConnErrors = (RedisConnectionError, RedisTimeoutError)
 
 # -- Lua scripts (atomic on the server) --------------------------------------
 
-#: KEYS: processing, ready.  ARGV: frame.  Back to the consumers' end of
-#: ready, if it is still in processing (so a retry cannot requeue it twice).
-_REQUEUE = """
+
+def _move_script(push: str, value: str) -> str:
+    """
+    A script that removes ``ARGV[1]`` from list ``KEYS[1]`` and, only if it
+    was there (so a retry cannot move it twice), pushes *value* onto list
+    ``KEYS[2]`` with *push*.
+    """
+    return f"""
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  redis.call('RPUSH', KEYS[2], ARGV[1])
+  redis.call('{push}', KEYS[2], {value})
   return 1
 end
 return 0
 """
 
+
+#: KEYS: processing, ready.  ARGV: frame.  Back to the consumers' end of ready.
+_REQUEUE = _move_script("RPUSH", "ARGV[1]")
 #: KEYS: processing, dead.  ARGV: frame, record prefix.  The record is the
 #: prefix followed by the frame (see _Core.dead_record).
-_DEAD_LETTER = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  redis.call('LPUSH', KEYS[2], ARGV[2] .. ARGV[1])
-  return 1
-end
-return 0
-"""
+_DEAD_LETTER = _move_script("LPUSH", "ARGV[2] .. ARGV[1]")
+#: KEYS: dead, ready.  ARGV: record, frame.  Back to the producers' end of ready.
+_FROM_DEAD = _move_script("LPUSH", "ARGV[2]")
 
 #: KEYS: consumers, ready, then (alive, processing) per consumer.  ARGV:
 #: force ("1" or "0"), then the consumer ids.  Each consumer whose alive key
@@ -141,16 +145,6 @@ for i = 2, #ARGV do
   end
 end
 return {moved, skipped}
-"""
-
-#: KEYS: dead, ready.  ARGV: record, frame.  Back to the producers' end of
-#: ready, if the record is still in the dead-letter list.
-_FROM_DEAD = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
-  redis.call('LPUSH', KEYS[2], ARGV[2])
-  return 1
-end
-return 0
 """
 
 #: KEYS: dead.  Empties it; returns how many records it held.
