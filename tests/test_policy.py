@@ -202,10 +202,10 @@ def test_to_toml_round_trips_through_load_config(tmp_path: Path) -> None:
     assert load_config(path).allow == empty
 
 
-def _allowlist_child(q: SignedQueue, allow: Allowlist) -> None:
+def _allowlist_child(q: SignedQueue, back: SignedQueue, allow: Allowlist) -> None:
     """Child: put back whether its allowlist arrived equal, then echo one item."""
-    q.put(q._codec._options["allow"] == allow)
-    q.put(q.get(timeout=WAIT))
+    back.put(q._codec._options["allow"] == allow)
+    back.put(q.get(timeout=WAIT))
 
 
 def test_allowlist_crosses_spawn_with_a_signed_queue(ring: Keyring) -> None:
@@ -213,12 +213,15 @@ def test_allowlist_crosses_spawn_with_a_signed_queue(ring: Keyring) -> None:
     ctx = multiprocessing.get_context("spawn")
     allow = Allowlist(["allowpkg.mod.Point", Outer.Inner])
     q = SignedQueue(ring, ctx=ctx, allow=allow)
-    child = ctx.Process(target=_allowlist_child, args=(q, allow))
+    # Replies come on their own queue: on one queue, the parent's get() could
+    # take the item meant for the child (waiting consumers hold no lock).
+    back = SignedQueue(ring, ctx=ctx, allow=allow)
+    child = ctx.Process(target=_allowlist_child, args=(q, back, allow))
     child.start()
     try:
-        assert q.get(timeout=WAIT) is True
+        assert back.get(timeout=WAIT) is True
         q.put([Point(3, 4), Outer.Inner(5)])
-        assert q.get(timeout=WAIT) == [Point(3, 4), Outer.Inner(5)]
+        assert back.get(timeout=WAIT) == [Point(3, 4), Outer.Inner(5)]
         child.join(WAIT)
         assert child.exitcode == 0
     finally:
